@@ -1,0 +1,443 @@
+//! Flow caches and the kernel mirror state machine. Plain Rust: no sockets, no clock.
+//!
+//! [`FlowTable`] stores flows keyed by their own [`FlowKey`] (no key stored twice). [`Mirror`]
+//! keeps a table equal to the kernel's: it applies events, and after an overrun (or at start)
+//! reconciles against a dump, replaying the events that arrived while the dump ran so that the
+//! result is exact, and reporting only the flows that really changed.
+
+use crate::flow::{Flow, FlowKey, Present};
+use crate::netlink::{CtEventKind, CtMessage};
+use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::DefaultHashBuilder;
+use std::hash::BuildHasher;
+
+/// A set of flows indexed by zone and original tuple.
+#[derive(Debug, Default, Clone)]
+pub struct FlowTable {
+    table: HashTable<Flow>,
+    hasher: DefaultHashBuilder,
+}
+
+impl FlowTable {
+    /// An empty table.
+    pub fn new() -> FlowTable {
+        FlowTable::default()
+    }
+
+    fn hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Looks a flow up.
+    pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
+        self.table.find(self.hash(key), |f| f.key == *key)
+    }
+
+    /// Inserts or replaces a flow; returns the previous one.
+    pub fn insert(&mut self, flow: Flow) -> Option<Flow> {
+        let h = self.hash(&flow.key);
+        let hasher = &self.hasher;
+        match self
+            .table
+            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(&f.key))
+        {
+            Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), flow)),
+            Entry::Vacant(e) => {
+                e.insert(flow);
+                None
+            }
+        }
+    }
+
+    /// Removes a flow.
+    pub fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
+        let h = self.hash(key);
+        self.table
+            .find_entry(h, |f| f.key == *key)
+            .ok()
+            .map(|e| e.remove().0)
+    }
+
+    /// Merges a partial update into an existing flow, or inserts it when unknown.
+    ///
+    /// Returns whether the flow's state (everything but the timeout) changed.
+    pub fn merge(&mut self, flow: &Flow, present: Present) -> bool {
+        let h = self.hash(&flow.key);
+        let hasher = &self.hasher;
+        match self
+            .table
+            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(&f.key))
+        {
+            Entry::Occupied(mut e) => {
+                let cur = e.get_mut();
+                let before = cur.clone();
+                cur.merge(flow, present);
+                !cur.same_state(&before)
+            }
+            Entry::Vacant(e) => {
+                e.insert(flow.clone());
+                true
+            }
+        }
+    }
+
+    /// Iterates in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Flow> {
+        self.table.iter()
+    }
+
+    /// Removes every flow.
+    pub fn clear(&mut self) {
+        self.table.clear();
+    }
+
+    /// Bytes of heap the table uses (slots times flow size, plus boxed attributes).
+    pub fn heap_bytes(&self) -> usize {
+        let slots = self.table.capacity() * (std::mem::size_of::<Flow>() + 1);
+        let boxed: usize = self
+            .table
+            .iter()
+            .map(|f| {
+                f.helper.as_ref().map_or(0, |h| h.len())
+                    + f.master.as_ref().map_or(0, |_| std::mem::size_of::<crate::flow::Tuple>())
+                    + f.seq_adj.as_ref().map_or(0, |_| std::mem::size_of::<crate::flow::SeqAdj>())
+                    + f.synproxy
+                        .as_ref()
+                        .map_or(0, |_| std::mem::size_of::<crate::flow::Synproxy>())
+            })
+            .sum();
+        slots + boxed
+    }
+}
+
+/// A change of the mirrored table, for the replication layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The flow is new or its state changed; read its current state from the table.
+    Upsert(FlowKey),
+    /// The flow is gone.
+    Remove(FlowKey),
+}
+
+/// What the caller must do next for the mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorAction {
+    /// Nothing.
+    None,
+    /// Start a full dump of the kernel table and hand it to [`Mirror::dump_complete`].
+    StartDump,
+}
+
+/// Counters of the mirror, shown by `syncctl status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MirrorStats {
+    /// Events applied.
+    pub events: u64,
+    /// NEW events.
+    pub events_new: u64,
+    /// UPDATE events.
+    pub events_update: u64,
+    /// DESTROY events.
+    pub events_destroy: u64,
+    /// Events caused by our own writes.
+    pub events_own: u64,
+    /// Overruns (`ENOBUFS`) signalled by the kernel.
+    pub overruns: u64,
+    /// Events that could not be decoded.
+    pub undecodable: u64,
+    /// Reconciliations against a full dump completed (the initial one included).
+    pub resyncs: u64,
+    /// Flows found changed, added or removed by reconciliations after the initial one.
+    pub resync_repairs: u64,
+    /// Events that arrived after a reconciliation had grown past its replay bound.
+    pub replay_overflows: u64,
+}
+
+/// Bound on the events kept for replay while a dump runs; past it the dump is redone.
+const REPLAY_LIMIT: usize = 4_000_000;
+
+/// The internal cache: an exact mirror of the local kernel table.
+#[derive(Debug, Default)]
+pub struct Mirror {
+    table: FlowTable,
+    /// Events received since the running dump started, replayed on top of its result.
+    replay: Option<Vec<CtMessage>>,
+    /// Another overrun happened while the dump ran: its result may miss changes.
+    dump_again: bool,
+    synced: bool,
+    stats: MirrorStats,
+}
+
+impl Mirror {
+    /// An empty, not yet synced mirror.
+    pub fn new() -> Mirror {
+        Mirror::default()
+    }
+
+    /// Starts the initial synchronisation. Subscribe to events before dumping, so nothing is
+    /// missed between the dump and the first event.
+    pub fn start(&mut self) -> MirrorAction {
+        self.request_dump()
+    }
+
+    /// Whether the mirror has completed a reconciliation and seen no overrun since.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Whether a dump is running.
+    pub fn dump_running(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// The mirrored flows.
+    pub fn table(&self) -> &FlowTable {
+        &self.table
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &MirrorStats {
+        &self.stats
+    }
+
+    /// Applies one kernel event; returns the resulting change, if the state changed.
+    ///
+    /// `own` events (caused by our own writes) are applied but not reported, so that what a
+    /// peer sent us is never replicated back as if it were local traffic.
+    pub fn event(&mut self, msg: CtMessage, own: bool) -> Option<Change> {
+        self.count(&msg, own);
+        let change = apply(&mut self.table, &msg);
+        if let Some(log) = &mut self.replay {
+            if log.len() < REPLAY_LIMIT {
+                log.push(msg);
+            } else {
+                // The running dump's result can no longer be completed exactly: redo it.
+                self.stats.replay_overflows += 1;
+                self.dump_again = true;
+            }
+        }
+        change.filter(|_| !own)
+    }
+
+    fn count(&mut self, msg: &CtMessage, own: bool) {
+        self.stats.events += 1;
+        self.stats.events_own += u64::from(own);
+        match msg.kind {
+            CtEventKind::New => self.stats.events_new += 1,
+            CtEventKind::Update => self.stats.events_update += 1,
+            CtEventKind::Destroy => self.stats.events_destroy += 1,
+        }
+    }
+
+    /// The kernel dropped events: the mirror can no longer be trusted until reconciled.
+    pub fn overrun(&mut self) -> MirrorAction {
+        self.stats.overruns += 1;
+        self.request_dump()
+    }
+
+    /// An event could not be decoded: treated like a lost event.
+    pub fn undecodable(&mut self) -> MirrorAction {
+        self.stats.undecodable += 1;
+        self.request_dump()
+    }
+
+    fn request_dump(&mut self) -> MirrorAction {
+        self.synced = false;
+        if self.replay.is_some() {
+            self.dump_again = true;
+            MirrorAction::None
+        } else {
+            self.replay = Some(Vec::new());
+            MirrorAction::StartDump
+        }
+    }
+
+    /// A dump requested by [`MirrorAction::StartDump`] finished with these entries.
+    ///
+    /// Returns the flows whose state differs from what the mirror held, and whether to dump again.
+    pub fn dump_complete(&mut self, dump: Vec<Flow>) -> (Vec<Change>, MirrorAction) {
+        let mut fresh = FlowTable::new();
+        fresh.table.reserve(dump.len(), |f| fresh.hasher.hash_one(&f.key));
+        for flow in dump {
+            fresh.insert(flow);
+        }
+        for msg in self.replay.take().unwrap_or_default() {
+            apply(&mut fresh, &msg);
+        }
+        let changes = diff(&self.table, &fresh);
+        if self.stats.resyncs > 0 {
+            self.stats.resync_repairs += changes.len() as u64;
+        }
+        self.stats.resyncs += 1;
+        self.table = fresh;
+        if std::mem::take(&mut self.dump_again) {
+            self.replay = Some(Vec::new());
+            return (changes, MirrorAction::StartDump);
+        }
+        self.synced = true;
+        (changes, MirrorAction::None)
+    }
+
+    /// A requested dump failed; the caller retries later with [`Mirror::retry_dump`].
+    pub fn dump_failed(&mut self) {
+        self.replay = None;
+        self.synced = false;
+    }
+
+    /// Requests the dump again after a failure.
+    pub fn retry_dump(&mut self) -> MirrorAction {
+        self.request_dump()
+    }
+}
+
+fn apply(table: &mut FlowTable, msg: &CtMessage) -> Option<Change> {
+    match msg.kind {
+        CtEventKind::Destroy => table.remove(&msg.flow.key).map(|f| Change::Remove(f.key)),
+        CtEventKind::New | CtEventKind::Update => table
+            .merge(&msg.flow, msg.present)
+            .then_some(Change::Upsert(msg.flow.key)),
+    }
+}
+
+/// Flows added, changed (ignoring timeouts) or removed from `old` to `new`.
+fn diff(old: &FlowTable, new: &FlowTable) -> Vec<Change> {
+    let mut changes: Vec<Change> = new
+        .iter()
+        .filter(|f| old.get(&f.key).is_none_or(|o| !o.same_state(f)))
+        .map(|f| Change::Upsert(f.key))
+        .collect();
+    changes.extend(
+        old.iter()
+            .filter(|f| new.get(&f.key).is_none())
+            .map(|f| Change::Remove(f.key)),
+    );
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{proto, Tuple, Zone, L4};
+
+    fn flow(port: u16) -> Flow {
+        let t = Tuple {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: proto::UDP,
+            l4: L4::Ports { src: port, dst: 53 },
+        };
+        let mut f = Flow::new(Zone::default(), t, t.inverse());
+        f.timeout = 30;
+        f
+    }
+
+    fn msg(kind: CtEventKind, f: Flow) -> CtMessage {
+        CtMessage {
+            kind,
+            flow: f,
+            present: Present::ALL,
+            kernel_id: None,
+        }
+    }
+
+    #[test]
+    fn events_before_first_dump_are_replayed_on_it() {
+        let mut m = Mirror::new();
+        assert_eq!(m.start(), MirrorAction::StartDump);
+        // Flow 1 is destroyed and flow 3 created while the dump runs.
+        m.event(msg(CtEventKind::Destroy, flow(1)), false);
+        m.event(msg(CtEventKind::New, flow(3)), false);
+        let (_, action) = m.dump_complete(vec![flow(1), flow(2)]);
+        assert_eq!(action, MirrorAction::None);
+        assert!(m.is_synced());
+        let mut ports: Vec<u16> = m
+            .table()
+            .iter()
+            .map(|f| match f.key.orig.l4 {
+                L4::Ports { src, .. } => src,
+                _ => 0,
+            })
+            .collect();
+        ports.sort();
+        assert_eq!(ports, vec![2, 3]);
+    }
+
+    #[test]
+    fn reconciliation_reports_only_real_differences() {
+        let mut m = Mirror::new();
+        m.start();
+        m.dump_complete(vec![flow(1), flow(2), flow(3)]);
+        assert_eq!(m.overrun(), MirrorAction::StartDump);
+        assert!(!m.is_synced());
+        let mut changed = flow(2);
+        changed.mark = 9;
+        let mut ticked = flow(1);
+        ticked.timeout = 12;
+        let (changes, _) = m.dump_complete(vec![ticked, changed, flow(4)]);
+        assert_eq!(changes.len(), 3);
+        assert!(changes.contains(&Change::Upsert(flow(2).key)));
+        assert!(changes.contains(&Change::Upsert(flow(4).key)));
+        assert!(changes.contains(&Change::Remove(flow(3).key)));
+        assert_eq!(m.stats().resync_repairs, 3);
+    }
+
+    #[test]
+    fn overrun_during_dump_asks_for_another() {
+        let mut m = Mirror::new();
+        m.start();
+        assert_eq!(m.overrun(), MirrorAction::None);
+        let (_, action) = m.dump_complete(vec![flow(1)]);
+        assert_eq!(action, MirrorAction::StartDump);
+        assert!(!m.is_synced());
+        let (_, action) = m.dump_complete(vec![flow(1)]);
+        assert_eq!(action, MirrorAction::None);
+        assert!(m.is_synced());
+    }
+
+    #[test]
+    fn own_events_change_the_table_but_are_not_reported() {
+        let mut m = Mirror::new();
+        m.start();
+        m.dump_complete(vec![]);
+        let change = m.event(msg(CtEventKind::New, flow(7)), true);
+        assert_eq!(change, None);
+        assert_eq!(m.table().len(), 1);
+        let change = m.event(msg(CtEventKind::Destroy, flow(7)), false);
+        assert_eq!(change, Some(Change::Remove(flow(7).key)));
+    }
+
+    #[test]
+    fn partial_update_keeps_absent_attributes() {
+        let mut m = Mirror::new();
+        m.start();
+        let mut f = flow(1);
+        f.mark = 5;
+        m.dump_complete(vec![f.clone()]);
+        let mut upd = flow(1);
+        upd.status = 4;
+        let mut present = Present::default();
+        present.set(Present::STATUS);
+        let change = m.event(
+            CtMessage {
+                kind: CtEventKind::Update,
+                flow: upd,
+                present,
+                kernel_id: None,
+            },
+            false,
+        );
+        assert!(change.is_some());
+        let got = m.table().get(&f.key).unwrap();
+        assert_eq!((got.mark, got.status), (5, 4));
+    }
+}

@@ -1,0 +1,19 @@
+//! ctsync: keeps the conntrack tables of a Linux firewall cluster in sync.
+//!
+//! # Layout
+//! - [`flow`]: the flow model, independent of netlink.
+//! - [`netlink`]: ctnetlink codec, sockets, dump, events and batched writes (the kernel bridge).
+//! - [`cache`]: flow tables and the kernel-mirror state machine (sans-IO).
+//! - [`config`]: the daemon's TOML configuration.
+//! - [`control`]: the local control socket protocol shared by `ctsyncd` and `syncctl`.
+//! - [`daemon`]: the runtime that wires the kernel bridge, the caches and the control socket.
+//! - [`netns`]: entering network namespaces (tests, benchmarks, demo tooling).
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod flow;
+pub mod netlink;
+pub mod netns;

@@ -1,0 +1,504 @@
+//! Kernel operations on the conntrack table: full dump, event intake and batched writes.
+
+use super::attr;
+use super::codec::{self, CodecError, CtMessage, WriteOp};
+use super::socket::{CtSocket, SocketError};
+use crate::flow::{Flow, FlowKey};
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors of kernel operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// The socket layer failed.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// A receive failed.
+    #[error("netlink receive: {0}")]
+    Recv(#[source] io::Error),
+    /// The kernel refused a request as a whole.
+    #[error("kernel refused {what}: {source}")]
+    Refused {
+        /// The request.
+        what: &'static str,
+        /// The errno, as an OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel sent something that cannot be decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// Size of a receive buffer able to hold the largest datagram the kernel sends us.
+const RECV_BUF: usize = 256 * 1024;
+
+/// Receives the whole table (both families), calling `on_flow` for every entry.
+///
+/// Returns how many entries could not be decoded; they are skipped rather than aborting the dump
+/// so that one odd entry does not block a reconciliation, and the count is surfaced in stats.
+pub fn dump(sock: &CtSocket, mut on_flow: impl FnMut(CtMessage)) -> Result<u64, KernelError> {
+    let mut req = Vec::with_capacity(64);
+    let seq = 1;
+    codec::encode_dump_request(&mut req, seq);
+    sock.send(&req)?;
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut undecodable = 0;
+    loop {
+        let n = sock.recv(&mut buf).map_err(KernelError::Recv)?;
+        for msg in codec::messages(&buf[..n]) {
+            let msg = msg?;
+            match msg.msg_type {
+                attr::NLMSG_DONE => return Ok(undecodable),
+                attr::NLMSG_ERROR => {
+                    let (errno, _) = codec::decode_error(&msg)?;
+                    if errno != 0 {
+                        return Err(KernelError::Refused {
+                            what: "dump",
+                            source: io::Error::from_raw_os_error(-errno),
+                        });
+                    }
+                }
+                _ => match codec::decode_conntrack(&msg) {
+                    Ok(ct) => on_flow(ct),
+                    Err(e) => {
+                        undecodable += 1;
+                        tracing::warn!(error = %e, "skipping undecodable dump entry");
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Port ids of the sockets ctsync writes to the kernel with.
+///
+/// The kernel stamps events with the port id of the socket whose request caused them; events
+/// carrying one of these ids are our own writes (a commit, an injection) and must never be sent
+/// back to peers as if they were local traffic.
+#[derive(Debug, Clone, Default)]
+pub struct Origins(Arc<Vec<AtomicU32>>);
+
+impl Origins {
+    const CAPACITY: usize = 64;
+
+    /// An empty registry.
+    pub fn new() -> Origins {
+        Origins(Arc::new(
+            (0..Self::CAPACITY).map(|_| AtomicU32::new(0)).collect(),
+        ))
+    }
+
+    /// Records a port id as ours. Silently full after 64 sockets, far beyond what ctsync opens.
+    pub fn register(&self, portid: u32) {
+        for slot in self.0.iter() {
+            if slot
+                .compare_exchange(0, portid, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return;
+            }
+        }
+        tracing::error!(portid, "origin registry full; own writes may be echoed");
+    }
+
+    /// Whether an event with this `nlmsg_pid` was caused by one of our sockets.
+    pub fn is_ours(&self, portid: u32) -> bool {
+        portid != 0 && self.0.iter().any(|s| s.load(Ordering::Acquire) == portid)
+    }
+}
+
+/// One item of the event stream.
+#[derive(Debug, Clone)]
+pub enum KernelEvent {
+    /// A NEW, UPDATE or DESTROY event.
+    Flow {
+        /// The decoded message.
+        msg: CtMessage,
+        /// Whether one of our own writing sockets caused it.
+        own: bool,
+    },
+    /// The kernel dropped events (`ENOBUFS`): the mirror must be reconciled with a dump.
+    Overrun,
+    /// An event that could not be decoded: also a divergence, reconciled like an overrun.
+    Undecodable(CodecError),
+}
+
+/// The event subscription: NEW, UPDATE and DESTROY groups on one socket.
+#[derive(Debug)]
+pub struct EventSource {
+    sock: CtSocket,
+    buf: Vec<u8>,
+    origins: Origins,
+}
+
+impl EventSource {
+    /// Subscribes in the calling thread's namespace with the given receive buffer size.
+    ///
+    /// Returns the source and the buffer size the kernel granted.
+    pub fn open(recv_buffer: usize, origins: Origins) -> Result<(EventSource, usize), KernelError> {
+        let sock = CtSocket::open()?;
+        let granted = sock.set_recv_buffer(recv_buffer)?;
+        for g in [attr::GROUP_NEW, attr::GROUP_UPDATE, attr::GROUP_DESTROY] {
+            sock.join(g)?;
+        }
+        sock.set_recv_timeout(Duration::from_millis(200))?;
+        let src = EventSource {
+            sock,
+            buf: vec![0u8; RECV_BUF],
+            origins,
+        };
+        Ok((src, granted))
+    }
+
+    /// Receives at least one event (or returns after the receive timeout with none), then takes
+    /// whatever else is already queued, up to `max` items, without blocking again.
+    pub fn next_batch(&mut self, out: &mut Vec<KernelEvent>, max: usize) -> Result<(), KernelError> {
+        let mut blocking = true;
+        while out.len() < max {
+            let flags = if blocking { 0 } else { libc::MSG_DONTWAIT };
+            match self.recv(flags) {
+                Ok(n) => self.decode_into(n, out),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    out.push(KernelEvent::Overrun)
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(KernelError::Recv(e)),
+            }
+            blocking = false;
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, flags: i32) -> io::Result<usize> {
+        if flags == 0 {
+            return self.sock.recv(&mut self.buf);
+        }
+        // SAFETY: the buffer is valid for writes of its length.
+        let n = unsafe {
+            libc::recv(
+                self.sock_fd(),
+                self.buf.as_mut_ptr().cast(),
+                self.buf.len(),
+                flags,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn sock_fd(&self) -> i32 {
+        self.sock.raw_fd()
+    }
+
+    fn decode_into(&self, n: usize, out: &mut Vec<KernelEvent>) {
+        for msg in codec::messages(&self.buf[..n]) {
+            let item = msg.and_then(|m| {
+                let own = self.origins.is_ours(m.portid);
+                codec::decode_conntrack(&m).map(|msg| KernelEvent::Flow { msg, own })
+            });
+            out.push(item.unwrap_or_else(KernelEvent::Undecodable));
+        }
+    }
+}
+
+/// One flow the kernel did not accept.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WriteFailure {
+    /// Which flow.
+    pub key: FlowKey,
+    /// The last operation tried.
+    pub op: &'static str,
+    /// The kernel's errno.
+    pub errno: i32,
+    /// `strerror` of it.
+    pub error: String,
+}
+
+/// What a batched write did, flow by flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WriteReport {
+    /// Entries created.
+    pub created: u64,
+    /// Existing entries updated in place.
+    pub updated: u64,
+    /// Existing entries deleted and re-created because an in-place update was refused.
+    pub replaced: u64,
+    /// Entries deleted.
+    pub deleted: u64,
+    /// Deletes of entries that were already gone.
+    pub absent: u64,
+    /// Every flow that could not be written, with the reason.
+    pub failures: Vec<WriteFailure>,
+}
+
+impl WriteReport {
+    fn fail(&mut self, flow: &Flow, op: WriteOp, errno: i32) {
+        self.failures.push(WriteFailure {
+            key: flow.key,
+            op: op_name(op),
+            errno,
+            error: io::Error::from_raw_os_error(errno).to_string(),
+        });
+    }
+
+    fn merge(&mut self, other: WriteReport) {
+        self.created += other.created;
+        self.updated += other.updated;
+        self.replaced += other.replaced;
+        self.deleted += other.deleted;
+        self.absent += other.absent;
+        self.failures.extend(other.failures);
+    }
+}
+
+fn op_name(op: WriteOp) -> &'static str {
+    match op {
+        WriteOp::Create => "create",
+        WriteOp::Update => "update",
+        WriteOp::Delete => "delete",
+    }
+}
+
+/// Batched writer: many requests per system call, every per-flow error reported.
+///
+/// Several sockets let several threads feed the kernel at once; conntrack insertion takes
+/// per-bucket locks, so it scales with cores.
+#[derive(Debug)]
+pub struct Writer {
+    lanes: Vec<Lane>,
+}
+
+#[derive(Debug)]
+struct Lane {
+    sock: CtSocket,
+    seq: u32,
+    out: Vec<u8>,
+    rbuf: Vec<u8>,
+}
+
+/// Bytes of requests per datagram: large enough to amortise the system call, small enough
+/// that the error reports of a fully failing batch fit in the receive buffer.
+const BATCH_BYTES: usize = 128 * 1024;
+
+impl Writer {
+    /// Opens `sockets` writing sockets (at least one) and registers them as our origins.
+    pub fn open(sockets: usize, origins: &Origins) -> Result<Writer, KernelError> {
+        let lanes = (0..sockets.max(1))
+            .map(|_| {
+                let sock = CtSocket::open()?;
+                sock.set_send_buffer(4 * BATCH_BYTES)?;
+                sock.set_recv_buffer(32 << 20)?;
+                origins.register(sock.portid());
+                Ok(Lane {
+                    sock,
+                    seq: 0,
+                    out: Vec::with_capacity(BATCH_BYTES + 4096),
+                    rbuf: vec![0u8; RECV_BUF],
+                })
+            })
+            .collect::<Result<Vec<_>, KernelError>>()?;
+        Ok(Writer { lanes })
+    }
+
+    /// Port ids of the writing sockets.
+    pub fn portids(&self) -> Vec<u32> {
+        self.lanes.iter().map(|l| l.sock.portid()).collect()
+    }
+
+    /// Creates every flow, or brings an existing entry to the flow's state.
+    ///
+    /// Flows without a master go first, so that related flows find their master entry.
+    pub fn upsert(&mut self, flows: &[Flow]) -> Result<WriteReport, KernelError> {
+        let (masters, related): (Vec<&Flow>, Vec<&Flow>) =
+            flows.iter().partition(|f| f.master.is_none());
+        let mut report = self.parallel(&masters, Lane::upsert)?;
+        report.merge(self.parallel(&related, Lane::upsert)?);
+        Ok(report)
+    }
+
+    /// Deletes every flow; entries already gone are counted as `absent`, not as failures.
+    pub fn delete(&mut self, flows: &[Flow]) -> Result<WriteReport, KernelError> {
+        let refs: Vec<&Flow> = flows.iter().collect();
+        self.parallel(&refs, Lane::delete)
+    }
+
+    fn parallel(
+        &mut self,
+        flows: &[&Flow],
+        work: fn(&mut Lane, &[&Flow]) -> Result<WriteReport, KernelError>,
+    ) -> Result<WriteReport, KernelError> {
+        if flows.is_empty() {
+            return Ok(WriteReport::default());
+        }
+        let per_lane = flows.len().div_ceil(self.lanes.len());
+        if self.lanes.len() == 1 || flows.len() < 4096 {
+            return work(&mut self.lanes[0], flows);
+        }
+        let results: Vec<Result<WriteReport, KernelError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .lanes
+                .iter_mut()
+                .zip(flows.chunks(per_lane))
+                .map(|(lane, part)| s.spawn(move || work(lane, part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut report = WriteReport::default();
+        for r in results {
+            report.merge(r?);
+        }
+        Ok(report)
+    }
+}
+
+impl Lane {
+    fn upsert(&mut self, flows: &[&Flow]) -> Result<WriteReport, KernelError> {
+        let mut report = WriteReport::default();
+        let mut existing = Vec::new();
+        for (i, errno) in self.run(WriteOp::Create, flows)? {
+            match errno {
+                0 => report.created += 1,
+                e if e == libc::EEXIST => existing.push(flows[i]),
+                e => report.fail(flows[i], WriteOp::Create, e),
+            }
+        }
+        let mut refused = Vec::new();
+        for (i, errno) in self.run(WriteOp::Update, &existing)? {
+            match errno {
+                0 => report.updated += 1,
+                _ => refused.push(existing[i]),
+            }
+        }
+        // An update can be refused (status bits that only the kernel may change, or the entry
+        // vanished meanwhile): replace the entry so the kernel ends up with exactly our flow.
+        self.run(WriteOp::Delete, &refused)?;
+        for (i, errno) in self.run(WriteOp::Create, &refused)? {
+            match errno {
+                0 => report.replaced += 1,
+                e => report.fail(refused[i], WriteOp::Create, e),
+            }
+        }
+        Ok(report)
+    }
+
+    fn delete(&mut self, flows: &[&Flow]) -> Result<WriteReport, KernelError> {
+        let mut report = WriteReport::default();
+        for (i, errno) in self.run(WriteOp::Delete, flows)? {
+            match errno {
+                0 => report.deleted += 1,
+                e if e == libc::ENOENT => report.absent += 1,
+                e => report.fail(flows[i], WriteOp::Delete, e),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Sends `op` for every flow in batches; returns (index, errno) for each, 0 meaning success.
+    fn run(&mut self, op: WriteOp, flows: &[&Flow]) -> Result<Vec<(usize, i32)>, KernelError> {
+        // A fresh sequence space per run: reports can never be matched to an earlier run.
+        self.seq = self.seq.wrapping_add(1 << 24);
+        let mut results = Vec::with_capacity(flows.len());
+        let mut start = 0;
+        while start < flows.len() {
+            let end = self.fill(op, flows, start);
+            match self.send_and_collect(start, end) {
+                Ok(errors) => {
+                    let mut errors = errors.into_iter().peekable();
+                    for i in start..end {
+                        let errno = match errors.peek() {
+                            Some(&(j, e)) if j == i => {
+                                errors.next();
+                                e
+                            }
+                            _ => 0,
+                        };
+                        results.push((i, errno));
+                    }
+                    start = end;
+                }
+                // Error reports were lost: every operation is idempotent once retried through
+                // `upsert`/`delete`, so redo the batch in single requests with an ACK each.
+                Err(KernelError::Recv(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    for (i, flow) in flows.iter().enumerate().take(end).skip(start) {
+                        results.push((i, self.single(op, flow, i)?));
+                    }
+                    start = end;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(results)
+    }
+
+    /// Encodes requests from `start` until the batch is full; returns the end index.
+    fn fill(&mut self, op: WriteOp, flows: &[&Flow], start: usize) -> usize {
+        self.out.clear();
+        let mut end = start;
+        while end < flows.len() && self.out.len() < BATCH_BYTES {
+            let last = end + 1 == flows.len() || self.out.len() + 1024 >= BATCH_BYTES;
+            let seq = self.seq_of(end);
+            codec::encode_write(&mut self.out, op, flows[end], seq, last);
+            end += 1;
+        }
+        end
+    }
+
+    fn seq_of(&self, index: usize) -> u32 {
+        self.seq.wrapping_add(index as u32)
+    }
+
+    /// Sends the encoded batch; the last request carries an ACK, whose arrival proves that every
+    /// earlier error report has been queued (the kernel handles a datagram in order).
+    fn send_and_collect(
+        &mut self,
+        start: usize,
+        end: usize,
+    ) -> Result<Vec<(usize, i32)>, KernelError> {
+        self.sock.send(&self.out)?;
+        let last_seq = self.seq_of(end - 1);
+        let mut errors = Vec::new();
+        loop {
+            let n = self.sock.recv(&mut self.rbuf).map_err(KernelError::Recv)?;
+            for msg in codec::messages(&self.rbuf[..n]) {
+                let msg = msg?;
+                if msg.msg_type != attr::NLMSG_ERROR {
+                    continue;
+                }
+                let (errno, seq) = codec::decode_error(&msg)?;
+                let index = seq.wrapping_sub(self.seq) as usize;
+                if (start..end).contains(&index) && errno != 0 {
+                    errors.push((index, -errno));
+                }
+                if seq == last_seq {
+                    errors.sort_unstable();
+                    return Ok(errors);
+                }
+            }
+        }
+    }
+
+    fn single(&mut self, op: WriteOp, flow: &Flow, index: usize) -> Result<i32, KernelError> {
+        self.out.clear();
+        let seq = self.seq_of(index);
+        codec::encode_write(&mut self.out, op, flow, seq, true);
+        let errors = self.send_and_collect(index, index + 1)?;
+        Ok(errors.first().map_or(0, |&(_, e)| e))
+    }
+}
