@@ -49,7 +49,7 @@ impl FlowTable {
         let hasher = &self.hasher;
         match self
             .table
-            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(&f.key))
+            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(f.key))
         {
             Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), flow)),
             Entry::Vacant(e) => {
@@ -76,7 +76,7 @@ impl FlowTable {
         let hasher = &self.hasher;
         match self
             .table
-            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(&f.key))
+            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(f.key))
         {
             Entry::Occupied(mut e) => {
                 let cur = e.get_mut();
@@ -109,8 +109,12 @@ impl FlowTable {
             .iter()
             .map(|f| {
                 f.helper.as_ref().map_or(0, |h| h.len())
-                    + f.master.as_ref().map_or(0, |_| std::mem::size_of::<crate::flow::Tuple>())
-                    + f.seq_adj.as_ref().map_or(0, |_| std::mem::size_of::<crate::flow::SeqAdj>())
+                    + f.master
+                        .as_ref()
+                        .map_or(0, |_| std::mem::size_of::<crate::flow::Tuple>())
+                    + f.seq_adj
+                        .as_ref()
+                        .map_or(0, |_| std::mem::size_of::<crate::flow::SeqAdj>())
                     + f.synproxy
                         .as_ref()
                         .map_or(0, |_| std::mem::size_of::<crate::flow::Synproxy>())
@@ -139,7 +143,7 @@ pub enum MirrorAction {
 }
 
 /// Counters of the mirror, shown by `syncctl status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MirrorStats {
     /// Events applied.
     pub events: u64,
@@ -267,7 +271,9 @@ impl Mirror {
     /// Returns the flows whose state differs from what the mirror held, and whether to dump again.
     pub fn dump_complete(&mut self, dump: Vec<Flow>) -> (Vec<Change>, MirrorAction) {
         let mut fresh = FlowTable::new();
-        fresh.table.reserve(dump.len(), |f| fresh.hasher.hash_one(&f.key));
+        fresh
+            .table
+            .reserve(dump.len(), |f| fresh.hasher.hash_one(f.key));
         for flow in dump {
             fresh.insert(flow);
         }

@@ -7,8 +7,8 @@
 
 use super::attr::{self, cta};
 use crate::flow::{
-    proto, status, Flow, FlowKey, L4, Present, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo,
-    Tuple, Zone, ZoneDir,
+    proto, status, Flow, FlowKey, Present, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple,
+    Zone, ZoneDir, L4,
 };
 use netlink_packet_core::{
     DefaultNla, Emitable, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
@@ -566,7 +566,11 @@ pub fn encode_write(buf: &mut Vec<u8>, op: WriteOp, flow: &Flow, seq: u32, ack: 
             attr::NLM_F_CREATE | attr::NLM_F_EXCL,
         ),
         WriteOp::Update => (update_attrs(flow), ConntrackMessage::New as fn(_) -> _, 0),
-        WriteOp::Delete => (key_attrs(&flow.key), ConntrackMessage::Delete as fn(_) -> _, 0),
+        WriteOp::Delete => (
+            key_attrs(&flow.key),
+            ConntrackMessage::Delete as fn(_) -> _,
+            0,
+        ),
     };
     let flags = attr::NLM_F_REQUEST | flags | if ack { attr::NLM_F_ACK } else { 0 };
     emit_message(buf, family(&flow.key.orig), msg(attrs), flags, seq);
@@ -714,7 +718,11 @@ fn tuple_nlas(t: &Tuple, zone: Option<u16>) -> Vec<NfTuple> {
         }
         L4::Icmp { id, kind, code } => {
             let (a_id, a_type, a_code) = if t.proto == proto::ICMPV6 {
-                (attr::l4::ICMPV6_ID, attr::l4::ICMPV6_TYPE, attr::l4::ICMPV6_CODE)
+                (
+                    attr::l4::ICMPV6_ID,
+                    attr::l4::ICMPV6_TYPE,
+                    attr::l4::ICMPV6_CODE,
+                )
             } else {
                 (attr::l4::ICMP_ID, attr::l4::ICMP_TYPE, attr::l4::ICMP_CODE)
             };

@@ -156,15 +156,17 @@ impl EventSource {
 
     /// Receives at least one event (or returns after the receive timeout with none), then takes
     /// whatever else is already queued, up to `max` items, without blocking again.
-    pub fn next_batch(&mut self, out: &mut Vec<KernelEvent>, max: usize) -> Result<(), KernelError> {
+    pub fn next_batch(
+        &mut self,
+        out: &mut Vec<KernelEvent>,
+        max: usize,
+    ) -> Result<(), KernelError> {
         let mut blocking = true;
         while out.len() < max {
             let flags = if blocking { 0 } else { libc::MSG_DONTWAIT };
             match self.recv(flags) {
                 Ok(n) => self.decode_into(n, out),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    out.push(KernelEvent::Overrun)
-                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => out.push(KernelEvent::Overrun),
                 Err(e)
                     if matches!(
                         e.kind(),

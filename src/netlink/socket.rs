@@ -94,10 +94,7 @@ impl CtSocket {
     /// Sends one datagram, which may hold many netlink messages.
     pub fn send(&self, buf: &[u8]) -> Result<(), SocketError> {
         let kernel = SocketAddr::new(0, 0);
-        let sent = self
-            .sock
-            .send_to(buf, &kernel, 0)
-            .map_err(io_err("send"))?;
+        let sent = self.sock.send_to(buf, &kernel, 0).map_err(io_err("send"))?;
         if sent != buf.len() {
             return Err(SocketError::Io {
                 op: "send",
