@@ -179,7 +179,13 @@ fn icmp_inverse_type(proto: u8, kind: u8) -> Option<u8> {
 
 impl fmt::Display for Tuple {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} src={} dst={}", proto_name(self.proto), self.src, self.dst)?;
+        write!(
+            f,
+            "{} src={} dst={}",
+            proto_name(self.proto),
+            self.src,
+            self.dst
+        )?;
         match self.l4 {
             L4::None => Ok(()),
             L4::Ports { src, dst } => write!(f, " sport={src} dport={dst}"),
