@@ -7,6 +7,7 @@
 //! - [`config`]: the daemon's TOML configuration.
 //! - [`control`]: the local control socket protocol shared by `ctsyncd` and `syncctl`.
 //! - [`daemon`]: the runtime that wires the kernel bridge, the caches and the control socket.
+//! - [`sync`]: the replication engine and the peer messages (sans-IO).
 //! - [`netns`]: entering network namespaces (tests, benchmarks, demo tooling).
 #![warn(missing_docs)]
 
@@ -17,3 +18,4 @@ pub mod daemon;
 pub mod flow;
 pub mod netlink;
 pub mod netns;
+pub mod sync;

@@ -1,0 +1,362 @@
+//! The external cache: flows learnt from peers, kept per origin node.
+//!
+//! Keeping origins apart is what makes a restarted peer's vanished flows disappear (its snapshot
+//! replaces exactly its own flows) and what lets three or more nodes share one cluster.
+
+use super::message::Batch;
+use crate::flow::{Flow, FlowKey};
+use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::DefaultHashBuilder;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+/// A flow learnt from a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalFlow {
+    /// The flow as the origin last sent it.
+    pub flow: Flow,
+    /// The origin's change counter for it.
+    pub version: u64,
+    /// When it arrived (engine clock), to age its timeout.
+    pub received_at: Duration,
+    /// Snapshot generation that last confirmed it.
+    generation: u32,
+}
+
+impl ExternalFlow {
+    /// Seconds the flow has left now, from the timeout the origin sent and its age.
+    pub fn remaining_timeout(&self, now: Duration) -> u32 {
+        let age = now.saturating_sub(self.received_at).as_secs();
+        u32::try_from(u64::from(self.flow.timeout).saturating_sub(age)).unwrap_or(0)
+    }
+}
+
+/// Bound on remembered deletions per origin (they only guard against reordered old updates).
+const TOMBSTONES: usize = 65_536;
+/// Bound on out-of-order sequence numbers remembered per origin.
+const SEQ_WINDOW: usize = 4096;
+
+/// Everything learnt from one origin node.
+#[derive(Debug, Default)]
+pub struct OriginCache {
+    epoch: u64,
+    flows: HashTable<ExternalFlow>,
+    hasher: DefaultHashBuilder,
+    tombstones: HashMap<FlowKey, u64>,
+    tombstone_order: VecDeque<FlowKey>,
+    /// Every sequence up to this one has been applied.
+    contiguous: u64,
+    /// Applied sequences above `contiguous`.
+    above: BTreeSet<u64>,
+    generation: u32,
+    snapshot: Option<u64>,
+    snapshots_completed: u64,
+}
+
+/// Outcome of handing a sequenced message to an origin cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// New: applied, acknowledge it.
+    Applied,
+    /// Seen before: acknowledge again, change nothing.
+    Duplicate,
+    /// From another epoch of the origin: ignore, do not acknowledge.
+    StaleEpoch,
+}
+
+impl OriginCache {
+    /// The origin's epoch this cache follows.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Highest sequence up to which everything was applied.
+    pub fn contiguous_seq(&self) -> u64 {
+        self.contiguous
+    }
+
+    /// Snapshots completed from the current epoch.
+    pub fn snapshots_completed(&self) -> u64 {
+        self.snapshots_completed
+    }
+
+    /// Flows held.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether no flow is held.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Iterates in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &ExternalFlow> {
+        self.flows.iter()
+    }
+
+    /// Looks a flow up.
+    pub fn get(&self, key: &FlowKey) -> Option<&ExternalFlow> {
+        self.flows
+            .find(self.hasher.hash_one(key), |f| f.flow.key == *key)
+    }
+
+    /// The origin announced an epoch. A new epoch restarts sequence tracking; the flows stay
+    /// until the origin's snapshot says which of them it still has.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.contiguous = 0;
+            self.above.clear();
+            self.snapshot = None;
+            self.snapshots_completed = 0;
+        }
+    }
+
+    /// Records a sequence number; tells whether the message is new.
+    fn accept_seq(&mut self, epoch: u64, seq: u64) -> Applied {
+        if epoch != self.epoch {
+            return Applied::StaleEpoch;
+        }
+        if seq <= self.contiguous || self.above.contains(&seq) {
+            return Applied::Duplicate;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        while self.above.len() > SEQ_WINDOW {
+            // A gap this old will not be filled (the sender re-sends under new numbers).
+            if let Some(first) = self.above.pop_first() {
+                self.contiguous = first;
+                while self.above.remove(&(self.contiguous + 1)) {
+                    self.contiguous += 1;
+                }
+            }
+        }
+        Applied::Applied
+    }
+
+    /// Applies a batch: never moves a flow backwards, never resurrects a newer deletion.
+    pub fn apply_batch(&mut self, batch: &Batch, now: Duration) -> Applied {
+        let verdict = self.accept_seq(batch.epoch, batch.seq);
+        if verdict != Applied::Applied {
+            return verdict;
+        }
+        for (version, flow) in &batch.upserts {
+            self.upsert(*version, flow, now);
+        }
+        for (version, key) in &batch.deletes {
+            self.delete(*version, key);
+        }
+        verdict
+    }
+
+    fn upsert(&mut self, version: u64, flow: &Flow, now: Duration) {
+        if self.tombstones.get(&flow.key).is_some_and(|v| *v >= version) {
+            return;
+        }
+        let generation = self.generation;
+        let h = self.hasher.hash_one(flow.key);
+        let hasher = &self.hasher;
+        match self.flows.entry(
+            h,
+            |f| f.flow.key == flow.key,
+            |f| hasher.hash_one(f.flow.key),
+        ) {
+            Entry::Occupied(mut e) => {
+                let cur = e.get_mut();
+                // The origin still has the flow, whatever the version: confirmed by a snapshot.
+                cur.generation = generation;
+                if version > cur.version {
+                    cur.flow.clone_from(flow);
+                    cur.version = version;
+                    cur.received_at = now;
+                }
+            }
+            Entry::Vacant(e) => {
+                e.insert(ExternalFlow {
+                    flow: flow.clone(),
+                    version,
+                    received_at: now,
+                    generation,
+                });
+            }
+        }
+    }
+
+    fn delete(&mut self, version: u64, key: &FlowKey) {
+        let h = self.hasher.hash_one(key);
+        if let Ok(e) = self.flows.find_entry(h, |f| f.flow.key == *key) {
+            if e.get().version <= version {
+                e.remove();
+            }
+        }
+        if self.tombstones.insert(*key, version).is_none() {
+            self.tombstone_order.push_back(*key);
+            if self.tombstone_order.len() > TOMBSTONES {
+                if let Some(old) = self.tombstone_order.pop_front() {
+                    self.tombstones.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// A snapshot begins: from now on, flows not re-sent before its end are gone at the origin.
+    pub fn snapshot_begin(&mut self, epoch: u64, seq: u64, id: u64) -> Applied {
+        let verdict = self.accept_seq(epoch, seq);
+        if verdict == Applied::Applied {
+            self.generation = self.generation.wrapping_add(1);
+            self.snapshot = Some(id);
+        }
+        verdict
+    }
+
+    /// A snapshot ends; returns the flows removed because the origin no longer has them.
+    pub fn snapshot_end(&mut self, epoch: u64, seq: u64, id: u64) -> (Applied, usize) {
+        let verdict = self.accept_seq(epoch, seq);
+        if verdict != Applied::Applied || self.snapshot != Some(id) {
+            return (verdict, 0);
+        }
+        let before = self.flows.len();
+        let generation = self.generation;
+        self.flows.retain(|f| f.generation == generation);
+        self.snapshot = None;
+        self.snapshots_completed += 1;
+        (verdict, before - self.flows.len())
+    }
+
+    /// Drops every flow (operator's flush).
+    pub fn clear(&mut self) {
+        self.flows.clear();
+    }
+}
+
+/// Flows learnt from every origin.
+#[derive(Debug, Default)]
+pub struct ExternalCache {
+    origins: HashMap<String, OriginCache>,
+}
+
+impl ExternalCache {
+    /// The cache of one origin, created on first use.
+    pub fn origin_mut(&mut self, node_id: &str) -> &mut OriginCache {
+        self.origins.entry(node_id.to_string()).or_default()
+    }
+
+    /// The cache of one origin.
+    pub fn origin(&self, node_id: &str) -> Option<&OriginCache> {
+        self.origins.get(node_id)
+    }
+
+    /// Origins with their caches.
+    pub fn origins(&self) -> impl Iterator<Item = (&String, &OriginCache)> {
+        self.origins.iter()
+    }
+
+    /// Flows held, all origins together.
+    pub fn len(&self) -> usize {
+        self.origins.values().map(OriginCache::len).sum()
+    }
+
+    /// Whether no flow is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{proto, Tuple, Zone, L4};
+
+    fn flow(port: u16, mark: u32) -> Flow {
+        let t = Tuple {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: proto::TCP,
+            l4: L4::Ports { src: port, dst: 80 },
+        };
+        let mut f = Flow::new(Zone::default(), t, t.inverse());
+        f.mark = mark;
+        f.timeout = 100;
+        f
+    }
+
+    fn batch(seq: u64, upserts: Vec<(u64, Flow)>, deletes: Vec<(u64, FlowKey)>) -> Batch {
+        Batch {
+            epoch: 7,
+            seq,
+            upserts,
+            deletes,
+        }
+    }
+
+    fn cache() -> OriginCache {
+        let mut c = OriginCache::default();
+        c.set_epoch(7);
+        c
+    }
+
+    #[test]
+    fn older_versions_never_overwrite_newer_ones() {
+        let mut c = cache();
+        let t = Duration::ZERO;
+        c.apply_batch(&batch(2, vec![(5, flow(1, 2))], vec![]), t);
+        c.apply_batch(&batch(1, vec![(3, flow(1, 1))], vec![]), t);
+        assert_eq!(c.get(&flow(1, 0).key).unwrap().flow.mark, 2);
+        assert_eq!(c.contiguous_seq(), 2);
+    }
+
+    #[test]
+    fn a_reordered_update_does_not_resurrect_a_deleted_flow() {
+        let mut c = cache();
+        let t = Duration::ZERO;
+        c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), t);
+        c.apply_batch(&batch(3, vec![], vec![(4, flow(1, 0).key)]), t);
+        c.apply_batch(&batch(2, vec![(2, flow(1, 9))], vec![]), t);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn duplicates_and_other_epochs_change_nothing() {
+        let mut c = cache();
+        let t = Duration::ZERO;
+        assert_eq!(c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), t), Applied::Applied);
+        assert_eq!(
+            c.apply_batch(&batch(1, vec![], vec![(9, flow(1, 0).key)]), t),
+            Applied::Duplicate
+        );
+        let mut other = batch(2, vec![], vec![(9, flow(1, 0).key)]);
+        other.epoch = 8;
+        assert_eq!(c.apply_batch(&other, t), Applied::StaleEpoch);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn snapshot_end_removes_flows_the_origin_no_longer_has() {
+        let mut c = cache();
+        let t = Duration::ZERO;
+        c.apply_batch(&batch(1, vec![(1, flow(1, 0)), (2, flow(2, 0))], vec![]), t);
+        c.set_epoch(8); // the origin restarted
+        c.snapshot_begin(8, 1, 42);
+        let mut b = batch(2, vec![(1, flow(2, 0)), (2, flow(3, 0))], vec![]);
+        b.epoch = 8;
+        c.apply_batch(&b, t);
+        let (_, removed) = c.snapshot_end(8, 3, 42);
+        assert_eq!(removed, 1);
+        assert!(c.get(&flow(1, 0).key).is_none());
+        assert!(c.get(&flow(2, 0).key).is_some());
+        assert_eq!(c.snapshots_completed(), 1);
+    }
+
+    #[test]
+    fn remaining_timeout_ages() {
+        let mut c = cache();
+        c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), Duration::from_secs(10));
+        let f = c.get(&flow(1, 0).key).unwrap();
+        assert_eq!(f.remaining_timeout(Duration::from_secs(40)), 70);
+        assert_eq!(f.remaining_timeout(Duration::from_secs(400)), 0);
+    }
+}
