@@ -4,7 +4,9 @@
 //! doing what its operator believes.
 
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Default control socket path.
 pub const DEFAULT_SOCKET: &str = "/run/ctsync/ctsyncd.sock";
@@ -55,6 +57,65 @@ pub struct Config {
     /// The kernel bridge.
     #[serde(default)]
     pub kernel: KernelConfig,
+    /// Replication to peers; absent: this node only mirrors its own table.
+    #[serde(default)]
+    pub sync: Option<SyncConfig>,
+}
+
+/// `[sync]`: replication between the nodes of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Cluster name: nodes of different clusters refuse each other.
+    pub cluster: String,
+    /// Address the sync service listens on (`IP:port`).
+    pub listen: SocketAddr,
+    /// The other nodes of the cluster.
+    pub peers: Vec<PeerConfig>,
+    /// Mutual TLS material; required unless `plaintext = true`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Run the sync link without authentication or encryption (logged as a warning at start).
+    #[serde(default)]
+    pub plaintext: bool,
+    /// A peer unreachable this long no longer holds back readiness (a lone survivor must be
+    /// able to become ready).
+    #[serde(default = "default_ready_timeout", with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// How often the kernel table is re-read to refresh replicated timeouts (the kernel sends
+    /// no event when traffic extends a timeout).
+    #[serde(default = "default_timeout_refresh", with = "humantime_serde")]
+    pub timeout_refresh: Duration,
+}
+
+/// One peer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's `node_id` (also the name in its certificate).
+    pub node_id: String,
+    /// Where its sync service listens (`host:port`).
+    pub address: String,
+}
+
+/// `[sync.tls]`: PEM files, as `syncctl pki` writes them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_timeout_refresh() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[control]`.
@@ -131,17 +192,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let id_ok = !self.node_id.is_empty()
-            && self.node_id.len() <= 64
-            && self
-                .node_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !id_ok {
-            return Err(format!(
-                "node_id {:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
-                self.node_id
-            ));
+        check_name("node_id", &self.node_id)?;
+        if let Some(sync) = &self.sync {
+            sync.validate(&self.node_id)?;
         }
         if self.control.socket.as_os_str().is_empty() {
             return Err("control.socket must not be empty".into());
@@ -159,6 +212,59 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// Node ids and cluster names: short, and safe in file names and certificate names.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+        ))
+    }
+}
+
+impl SyncConfig {
+    fn validate(&self, me: &str) -> Result<(), String> {
+        check_name("sync.cluster", &self.cluster)?;
+        if self.peers.is_empty() {
+            return Err("sync.peers is empty: list the other nodes of the cluster".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.peers {
+            check_name("sync.peers.node_id", &p.node_id)?;
+            if p.node_id == me {
+                return Err(format!("sync.peers lists this node itself ({me})"));
+            }
+            if !seen.insert(&p.node_id) {
+                return Err(format!("sync.peers lists {} twice", p.node_id));
+            }
+            if p.address
+                .rsplit_once(':')
+                .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+            {
+                return Err(format!(
+                    "sync.peers: address {:?} of {} must be host:port",
+                    p.address, p.node_id
+                ));
+            }
+        }
+        match (&self.tls, self.plaintext) {
+            (None, false) => Err(
+                "sync.tls is required (CA, certificate and key, e.g. from `syncctl pki`); \
+                 set sync.plaintext = true only on a trusted, dedicated link"
+                    .into(),
+            ),
+            (Some(_), true) => Err("sync.tls and sync.plaintext = true exclude each other".into()),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -193,6 +299,35 @@ mod tests {
         let err = parse("node_id = \"a\"\n[kernel]\nwrite_sockets = 0\n").unwrap_err();
         assert!(err.to_string().contains("write_sockets"), "{err}");
         assert!(parse("").unwrap_err().to_string().contains("node_id"));
+    }
+
+    #[test]
+    fn sync_section_is_checked() {
+        let base = "node_id = \"fw1\"\n[sync]\ncluster = \"c\"\nlisten = \"127.0.0.1:7400\"\n";
+        let peers = "peers = [{ node_id = \"fw2\", address = \"10.0.0.2:7400\" }]\n";
+        let err = parse(&format!("{base}{peers}")).unwrap_err();
+        assert!(err.to_string().contains("sync.tls is required"), "{err}");
+        let cfg = parse(&format!(
+            "{base}{peers}plaintext = true\nready_timeout = \"3s\"\n"
+        ))
+        .unwrap();
+        let sync = cfg.sync.unwrap();
+        assert_eq!(sync.ready_timeout, Duration::from_secs(3));
+        assert_eq!(sync.timeout_refresh, Duration::from_secs(30));
+        let self_peer =
+            "peers = [{ node_id = \"fw1\", address = \"10.0.0.2:7400\" }]\nplaintext = true\n";
+        assert!(parse(&format!("{base}{self_peer}"))
+            .unwrap_err()
+            .to_string()
+            .contains("itself"));
+        let bad_addr =
+            "peers = [{ node_id = \"fw2\", address = \"10.0.0.2\" }]\nplaintext = true\n";
+        assert!(parse(&format!("{base}{bad_addr}"))
+            .unwrap_err()
+            .to_string()
+            .contains("host:port"));
+        let bad_listen = "node_id = \"fw1\"\n[sync]\ncluster = \"c\"\nlisten = \"nowhere\"\n";
+        assert!(parse(&format!("{bad_listen}{peers}plaintext = true\n")).is_err());
     }
 
     #[test]
