@@ -104,7 +104,10 @@ pub enum PeerError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sent {
     /// Index versions `(from, to]`.
-    Range { from: u64, to: u64 },
+    Range {
+        from: u64,
+        to: u64,
+    },
     SnapshotBegin(u64),
     SnapshotEnd(u64),
 }
@@ -400,7 +403,10 @@ impl Engine {
                 self.ack_back(peer, b.epoch, b.seq, verdict);
             }
             Message::SnapshotBegin { epoch, seq, id } => {
-                let verdict = self.external.origin_mut(peer).snapshot_begin(epoch, seq, id);
+                let verdict = self
+                    .external
+                    .origin_mut(peer)
+                    .snapshot_begin(epoch, seq, id);
                 self.ack_back(peer, epoch, seq, verdict);
             }
             Message::SnapshotEnd {
@@ -531,8 +537,10 @@ impl Engine {
                 Message::SnapshotBegin { epoch, seq, id }
             }));
         }
-        if matches!(p.snapshot, Some(Snapshot::Begin(_)) | Some(Snapshot::End(_)))
-            || p.in_flight.len() >= window
+        if matches!(
+            p.snapshot,
+            Some(Snapshot::Begin(_)) | Some(Snapshot::End(_))
+        ) || p.in_flight.len() >= window
         {
             return None;
         }
@@ -576,7 +584,10 @@ impl Engine {
                 continue;
             }
             let rto = self.cfg.retransmit_after;
-            if p.in_flight.front().is_some_and(|f| now.saturating_sub(f.sent_at) >= rto) {
+            if p.in_flight
+                .front()
+                .is_some_and(|f| now.saturating_sub(f.sent_at) >= rto)
+            {
                 p.retransmits += p.in_flight.len() as u64;
                 p.rewind();
             }

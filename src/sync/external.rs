@@ -154,7 +154,11 @@ impl OriginCache {
     }
 
     fn upsert(&mut self, version: u64, flow: &Flow, now: Duration) {
-        if self.tombstones.get(&flow.key).is_some_and(|v| *v >= version) {
+        if self
+            .tombstones
+            .get(&flow.key)
+            .is_some_and(|v| *v >= version)
+        {
             return;
         }
         let generation = self.generation;
@@ -323,7 +327,10 @@ mod tests {
     fn duplicates_and_other_epochs_change_nothing() {
         let mut c = cache();
         let t = Duration::ZERO;
-        assert_eq!(c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), t), Applied::Applied);
+        assert_eq!(
+            c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), t),
+            Applied::Applied
+        );
         assert_eq!(
             c.apply_batch(&batch(1, vec![], vec![(9, flow(1, 0).key)]), t),
             Applied::Duplicate
@@ -354,7 +361,10 @@ mod tests {
     #[test]
     fn remaining_timeout_ages() {
         let mut c = cache();
-        c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), Duration::from_secs(10));
+        c.apply_batch(
+            &batch(1, vec![(1, flow(1, 0))], vec![]),
+            Duration::from_secs(10),
+        );
         let f = c.get(&flow(1, 0).key).unwrap();
         assert_eq!(f.remaining_timeout(Duration::from_secs(40)), 70);
         assert_eq!(f.remaining_timeout(Duration::from_secs(400)), 0);

@@ -126,15 +126,26 @@ impl Net {
 
     fn connect(&mut self, a: &str, b: &str) {
         let now = self.now;
-        self.nodes.get_mut(a).unwrap().engine.connected(b, now).unwrap();
-        self.nodes.get_mut(b).unwrap().engine.connected(a, now).unwrap();
+        self.nodes
+            .get_mut(a)
+            .unwrap()
+            .engine
+            .connected(b, now)
+            .unwrap();
+        self.nodes
+            .get_mut(b)
+            .unwrap()
+            .engine
+            .connected(a, now)
+            .unwrap();
     }
 
     fn disconnect(&mut self, a: &str, b: &str) {
         let now = self.now;
         self.nodes.get_mut(a).unwrap().engine.disconnected(b, now);
         self.nodes.get_mut(b).unwrap().engine.disconnected(a, now);
-        self.wire.retain(|m| !((m.from == a && m.to == b) || (m.from == b && m.to == a)));
+        self.wire
+            .retain(|m| !((m.from == a && m.to == b) || (m.from == b && m.to == a)));
     }
 
     fn is_cut(&self, a: &str, b: &str) -> bool {
@@ -256,7 +267,10 @@ impl Net {
                 let origin = nb.engine.external().origin(a);
                 let held = origin.map_or(0, |o| o.len());
                 if held != na.table.len() {
-                    return Err(format!("{b} holds {held} flows of {a}, {a} has {}", na.table.len()));
+                    return Err(format!(
+                        "{b} holds {held} flows of {a}, {a} has {}",
+                        na.table.len()
+                    ));
                 }
                 for f in na.table.iter() {
                     let got = origin.and_then(|o| o.get(&f.key)).map(|e| &e.flow);
@@ -277,7 +291,10 @@ impl Net {
                 return;
             }
         }
-        panic!("not converged after {limit:?}: {}", self.converged().unwrap_err());
+        panic!(
+            "not converged after {limit:?}: {}",
+            self.converged().unwrap_err()
+        );
     }
 }
 
@@ -431,7 +448,11 @@ fn three_nodes_in_a_mesh_converge_without_loops() {
     // Flows arrive before the snapshot's end marker that makes a peer "synced".
     net.run(Duration::from_millis(100));
     for n in net.nodes.values() {
-        assert_eq!(n.engine.external().len(), 800, "own flows are never echoed back");
+        assert_eq!(
+            n.engine.external().len(),
+            800,
+            "own flows are never echoed back"
+        );
         assert!(n.engine.is_ready(net.now));
     }
 }
@@ -472,5 +493,7 @@ fn peers_of_another_cluster_or_version_are_refused() {
     assert!(err.to_string().contains("protocol 99"), "{err}");
     hello.version_major = super::VERSION_MAJOR;
     hello.node_id = "fw9".into();
-    assert!(e.handle("fw1", Message::Hello(hello), Duration::ZERO).is_err());
+    assert!(e
+        .handle("fw1", Message::Hello(hello), Duration::ZERO)
+        .is_err());
 }
