@@ -249,6 +249,16 @@ impl Mirror {
         self.request_dump()
     }
 
+    /// Re-reads the kernel table without suspecting the mirror (periodic timeout refresh): the
+    /// reconciliation is the same, the mirror stays "synced" meanwhile.
+    pub fn refresh(&mut self) -> MirrorAction {
+        if self.replay.is_some() {
+            return MirrorAction::None;
+        }
+        self.replay = Some(Vec::new());
+        MirrorAction::StartDump
+    }
+
     /// An event could not be decoded: treated like a lost event.
     pub fn undecodable(&mut self) -> MirrorAction {
         self.stats.undecodable += 1;

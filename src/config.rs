@@ -60,6 +60,66 @@ pub struct Config {
     /// Replication to peers; absent: this node only mirrors its own table.
     #[serde(default)]
     pub sync: Option<SyncConfig>,
+    /// Commit, promote and demote.
+    #[serde(default)]
+    pub failover: FailoverConfig,
+}
+
+/// When replicated flows enter the local kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitMode {
+    /// At `syncctl commit` / `promote` (takeover), as conntrackd does.
+    Manual,
+    /// As they arrive: the standby's kernel already knows every flow, takeover needs no commit.
+    Continuous,
+}
+
+/// `[failover]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// `manual` (default) or `continuous`.
+    #[serde(default = "default_commit_mode")]
+    pub commit_mode: CommitMode,
+    /// After `demote`, flows this node no longer owns are removed from its kernel after this
+    /// delay (a `promote` in between cancels it).
+    #[serde(default = "default_purge_delay", with = "humantime_serde")]
+    pub purge_delay: Duration,
+    /// Seconds given to a committed flow whose replicated timeout ran out.
+    #[serde(default = "default_min_timeout")]
+    pub min_timeout: u32,
+    /// Commit TCP flows with window tracking relaxed ("be liberal"), so that the first
+    /// mid-stream packet after takeover passes.
+    #[serde(default = "default_true")]
+    pub tcp_liberal: bool,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            commit_mode: default_commit_mode(),
+            purge_delay: default_purge_delay(),
+            min_timeout: default_min_timeout(),
+            tcp_liberal: true,
+        }
+    }
+}
+
+fn default_commit_mode() -> CommitMode {
+    CommitMode::Manual
+}
+
+fn default_purge_delay() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_min_timeout() -> u32 {
+    60
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[sync]`: replication between the nodes of one cluster.

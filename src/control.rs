@@ -23,6 +23,25 @@ pub enum Request {
         /// Which cache.
         cache: CacheName,
     },
+    /// Counters only.
+    Stats,
+    /// Writes the external cache into the kernel; answers when done.
+    Commit,
+    /// Becomes primary: commit, rebuild the internal cache from the kernel, send it all to peers.
+    Promote,
+    /// Becomes backup: ask peers for snapshots, purge our own flows after the delay.
+    Demote,
+    /// Empties a cache.
+    Flush {
+        /// Which cache.
+        cache: CacheName,
+    },
+    /// Re-reads the internal cache from the kernel.
+    Resync,
+    /// Asks every peer for a full snapshot.
+    RequestResync,
+    /// Sends every flow of the internal cache to every peer again.
+    BulkSend,
 }
 
 /// The caches a node keeps.
@@ -31,6 +50,8 @@ pub enum Request {
 pub enum CacheName {
     /// The mirror of the local kernel table.
     Internal,
+    /// Flows learnt from peers.
+    External,
 }
 
 /// The header line of an answer.
@@ -58,6 +79,47 @@ pub struct StatusReport {
     pub kernel: KernelStatus,
     /// The internal cache.
     pub internal_cache: CacheStatus,
+    /// Replication, when configured.
+    pub sync: Option<SyncStatus>,
+    /// The node is ready to take over: its mirror is synced and every peer delivered its
+    /// snapshot (or has been unreachable for longer than the readiness bound).
+    pub ready: bool,
+    /// Role, commits, injections and purges.
+    pub failover: crate::failover::FailoverStatus,
+}
+
+/// Replication part of [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// Cluster name.
+    pub cluster: String,
+    /// This daemon start's epoch.
+    pub epoch: u64,
+    /// Address the sync service listens on.
+    pub listen: String,
+    /// Whether peers deliver their snapshots (see `ready` for the whole node).
+    pub peers_ready: bool,
+    /// Flows learnt from peers, all origins.
+    pub external_flows: usize,
+    /// Transport security: `mutual-tls` or `PLAINTEXT`.
+    pub security: String,
+    /// Each peer.
+    pub peers: Vec<crate::sync::PeerStatus>,
+}
+
+/// One entry of `dump external`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalEntry {
+    /// The node the flow belongs to.
+    pub origin: String,
+    /// The origin's change counter for it.
+    pub version: u64,
+    /// Seconds since it was received.
+    pub age_secs: u64,
+    /// Timeout left now (sent timeout minus age).
+    pub remaining_timeout: u32,
+    /// The flow as the origin sent it.
+    pub flow: Flow,
 }
 
 /// Kernel mirror part of [`StatusReport`].
@@ -143,6 +205,11 @@ pub fn parse_flows(body: &str) -> Result<Vec<Flow>, ControlError> {
     serde_json::from_str(body).map_err(|e| ControlError::Protocol(e.to_string()))
 }
 
+/// Parses an external dump body.
+pub fn parse_external(body: &str) -> Result<Vec<ExternalEntry>, ControlError> {
+    serde_json::from_str(body).map_err(|e| ControlError::Protocol(e.to_string()))
+}
+
 /// Parses a status body.
 pub fn parse_status(body: &str) -> Result<StatusReport, ControlError> {
     serde_json::from_str(body).map_err(|e| ControlError::Protocol(e.to_string()))
@@ -180,8 +247,12 @@ mod tests {
 pub enum Reply {
     /// Answer to [`Request::Status`].
     Status(Box<StatusReport>),
-    /// Answer to [`Request::Dump`].
+    /// Answer to [`Request::Dump`] of the internal cache.
     Flows(Vec<Flow>),
+    /// Answer to [`Request::Dump`] of the external cache.
+    External(Vec<ExternalEntry>),
+    /// Any other answer.
+    Value(serde_json::Value),
     /// The request could not be served.
     Error(String),
 }
@@ -262,6 +333,8 @@ fn render(reply: Reply) -> Vec<u8> {
     let body = match &reply {
         Reply::Status(s) => serde_json::to_vec_pretty(s),
         Reply::Flows(f) => serde_json::to_vec(f),
+        Reply::External(f) => serde_json::to_vec(f),
+        Reply::Value(v) => serde_json::to_vec_pretty(v),
         Reply::Error(e) => return header_line(Some(e.clone())),
     };
     match body {

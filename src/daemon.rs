@@ -13,8 +13,11 @@
 use crate::cache::{Mirror, MirrorAction};
 use crate::config::Config;
 use crate::control::{self, CacheName, CacheStatus, Call, KernelStatus, Reply, Request};
+use crate::failover::{AfterJob, Failover, JobDone, JobKind};
 use crate::flow::Flow;
-use crate::netlink::{self, CtSocket, EventSource, KernelError, KernelEvent, Origins};
+use crate::netlink::{self, CtSocket, EventSource, KernelError, KernelEvent, Origins, Writer};
+use crate::replication::{Replication, ReplicationError};
+use crate::transport::grpc::TransportEvent;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,6 +46,9 @@ pub enum DaemonError {
     /// The event stream ended.
     #[error("event reader stopped: {0}")]
     EventsStopped(String),
+    /// Replication could not start.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
 }
 
 /// Items of the event channel.
@@ -80,6 +86,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     spawn_event_reader(events, event_tx, stop.clone())?;
     let (dump_req, dump_rx) = spawn_dumper(CtSocket::open().map_err(KernelError::from)?)?;
+    let writer = Writer::open(cfg.kernel.write_sockets, &origins)?;
+    let (failover, jobs_rx) = Failover::new(&cfg.failover, writer);
 
     let listener = control::bind(&cfg.control.socket).map_err(|source| DaemonError::Control {
         path: cfg.control.socket.clone(),
@@ -102,8 +110,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         last_dump: None,
         changes: 0,
         dump_req,
+        repl: None,
+        failover,
+        waiting: Vec::new(),
+        rebuild_pending: false,
     };
-    let result = state.run(event_rx, dump_rx, call_rx, shutdown).await;
+    let result = state
+        .run(event_rx, dump_rx, call_rx, jobs_rx, shutdown)
+        .await;
 
     stop.store(true, Ordering::Relaxed);
     server.abort();
@@ -173,6 +187,25 @@ struct State<'a> {
     last_dump: Option<Duration>,
     changes: u64,
     dump_req: std::sync::mpsc::Sender<()>,
+    repl: Option<Replication>,
+    failover: Failover,
+    /// Control clients waiting for a commit (or promotion) to finish.
+    waiting: Vec<tokio::sync::oneshot::Sender<Reply>>,
+    /// A promotion committed: once the next dump is in, announce every flow to peers.
+    rebuild_pending: bool,
+}
+
+/// How often replication timers run (heartbeats, retransmissions, dead peers).
+const SYNC_TICK: Duration = Duration::from_millis(100);
+
+async fn next_transport_event(rx: &mut Option<mpsc::Receiver<TransportEvent>>) -> TransportEvent {
+    match rx {
+        Some(rx) => match rx.recv().await {
+            Some(ev) => ev,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 impl State<'_> {
@@ -181,6 +214,7 @@ impl State<'_> {
         mut events: mpsc::Receiver<EventMsg>,
         mut dumps: mpsc::Receiver<DumpResult>,
         mut calls: mpsc::Receiver<Call>,
+        mut jobs: mpsc::Receiver<JobDone>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), DaemonError> {
         tokio::pin!(shutdown);
@@ -189,18 +223,31 @@ impl State<'_> {
         let retry = tokio::time::sleep(Duration::MAX);
         tokio::pin!(retry);
         let mut retry_armed = false;
-        loop {
+        let mut transport_rx = None;
+        let mut tick = tokio::time::interval(SYNC_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let refresh_every = self
+            .cfg
+            .sync
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |s| s.timeout_refresh);
+        let mut refresh =
+            tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
+        let result = loop {
             tokio::select! {
                 biased;
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => break Ok(()),
                 Some(msg) = events.recv() => match msg {
                     EventMsg::Batch(batch) => self.events(batch),
-                    EventMsg::Failed(e) => return Err(DaemonError::EventsStopped(e)),
+                    EventMsg::Failed(e) => break Err(DaemonError::EventsStopped(e)),
                 },
                 Some(done) = dumps.recv() => {
                     if !self.dump_done(done) {
                         retry.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
                         retry_armed = true;
+                    }
+                    if let Err(e) = self.start_replication(&mut transport_rx).await {
+                        break Err(e);
                     }
                 }
                 () = &mut retry, if retry_armed => {
@@ -208,11 +255,70 @@ impl State<'_> {
                     let action = self.mirror.retry_dump();
                     self.act(action);
                 }
-                Some((req, reply)) = calls.recv() => {
-                    let _ = reply.send(self.answer(req));
+                ev = next_transport_event(&mut transport_rx) => {
+                    if let Some(r) = &mut self.repl {
+                        r.transport_event(ev);
+                    }
                 }
-                else => return Err(DaemonError::EventsStopped("channels closed".into())),
+                _ = tick.tick(), if self.repl.is_some() => {
+                    if let Some(r) = &mut self.repl {
+                        r.tick();
+                    }
+                }
+                _ = refresh.tick(), if self.repl.is_some() => {
+                    let action = self.mirror.refresh();
+                    self.act(action);
+                }
+                Some((req, reply)) = calls.recv() => self.call(req, reply),
+                Some(done) = jobs.recv() => self.job_done(done),
+                () = purge_timer(self.failover.purge_at()) => {}
+                else => break Err(DaemonError::EventsStopped("channels closed".into())),
             }
+            if let Some(r) = &mut self.repl {
+                if self.failover.purge_at().is_some() {
+                    self.failover
+                        .purge_if_due(self.mirror.table(), r.external());
+                }
+                r.pump(self.mirror.table());
+                if self.failover.continuous() {
+                    self.failover.queue_injection(r.take_external_changes());
+                    self.failover.inject_pending(r.external(), r.now());
+                }
+            }
+        };
+        if let Some(r) = self.repl.take() {
+            r.shutdown().await;
+        }
+        result
+    }
+
+    /// Starts replication once the mirror is first synced: a snapshot sent before that would
+    /// tell peers that flows not yet read from the kernel are gone.
+    async fn start_replication(
+        &mut self,
+        rx: &mut Option<mpsc::Receiver<TransportEvent>>,
+    ) -> Result<(), DaemonError> {
+        let Some(sync) = &self.cfg.sync else {
+            return Ok(());
+        };
+        if self.repl.is_some() || !self.mirror.is_synced() {
+            return Ok(());
+        }
+        let (repl, events) =
+            Replication::start(self.cfg, sync, self.mirror.table(), self.started).await?;
+        let mut repl = repl;
+        if self.failover.continuous() {
+            repl.track_external_changes();
+        }
+        self.repl = Some(repl);
+        *rx = Some(events);
+        Ok(())
+    }
+
+    fn change(&mut self, change: crate::cache::Change) {
+        self.changes += 1;
+        if let Some(r) = &mut self.repl {
+            r.local_change(&change, self.mirror.table());
         }
     }
 
@@ -226,8 +332,8 @@ impl State<'_> {
         for ev in batch {
             match ev {
                 KernelEvent::Flow { msg, own } => {
-                    if self.mirror.event(msg, own).is_some() {
-                        self.changes += 1;
+                    if let Some(change) = self.mirror.event(msg, own) {
+                        self.change(change);
                     }
                 }
                 KernelEvent::Overrun => {
@@ -251,10 +357,20 @@ impl State<'_> {
             Ok(flows) => {
                 let n = flows.len();
                 let (changes, action) = self.mirror.dump_complete(flows);
-                self.changes += changes.len() as u64;
+                let changed = changes.len();
+                for change in changes {
+                    self.change(change);
+                }
+                if let Some(r) = &mut self.repl {
+                    r.after_dump(self.mirror.table());
+                    if action == MirrorAction::None && std::mem::take(&mut self.rebuild_pending) {
+                        tracing::info!(flows = n, "promoted: announcing every flow to peers");
+                        r.resend_all(self.mirror.table());
+                    }
+                }
                 tracing::info!(
                     flows = n,
-                    changed = changes.len(),
+                    changed,
                     ms = done.elapsed.as_secs_f64() * 1e3,
                     "kernel table reconciled"
                 );
@@ -269,12 +385,131 @@ impl State<'_> {
         }
     }
 
-    fn answer(&self, req: Request) -> Reply {
+    /// Serves a control request; commits answer later, when their job is done.
+    fn call(&mut self, req: Request, reply: tokio::sync::oneshot::Sender<Reply>) {
+        let answer = match req {
+            Request::Commit | Request::Promote => {
+                let kind = if req == Request::Commit {
+                    JobKind::Commit
+                } else {
+                    JobKind::Promote
+                };
+                match self.start_commit(kind) {
+                    Ok(()) => return self.waiting.push(reply),
+                    Err(e) => Reply::Error(e),
+                }
+            }
+            other => self.answer(other),
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn start_commit(&mut self, kind: JobKind) -> Result<(), String> {
+        let Some(r) = &self.repl else {
+            return Err("replication is not configured ([sync] section): nothing to commit".into());
+        };
+        if !self.failover.commit(r.external(), r.now(), kind) {
+            return Err("another kernel write is running; try again".into());
+        }
+        Ok(())
+    }
+
+    fn job_done(&mut self, done: JobDone) {
+        let summary = match self.failover.job_done(done) {
+            AfterJob::Nothing => return,
+            AfterJob::Committed(s) => s,
+            AfterJob::RebuildAndAnnounce(s) => {
+                // The committed flows are ours now: read them back as such and tell peers.
+                self.rebuild_pending = true;
+                let action = self.mirror.refresh();
+                self.act(action);
+                s
+            }
+        };
+        let value = serde_json::to_value(&summary).unwrap_or_default();
+        for w in self.waiting.drain(..) {
+            let _ =
+                w.send(if summary.ok() {
+                    Reply::Value(value.clone())
+                } else {
+                    Reply::Error(format!(
+                    "commit incomplete: {} of {} flows refused{}; see `syncctl status` and the log",
+                    summary.failed,
+                    summary.flows,
+                    summary.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                ))
+                });
+        }
+    }
+
+    fn answer(&mut self, req: Request) -> Reply {
         match req {
             Request::Status => Reply::Status(Box::new(self.status())),
+            Request::Stats => {
+                let s = self.status();
+                Reply::Value(serde_json::json!({
+                    "kernel": s.kernel.stats,
+                    "internal_flows": s.internal_cache.flows,
+                    "changes": s.internal_cache.changes,
+                    "external_flows": s.sync.as_ref().map_or(0, |x| x.external_flows),
+                    "peers": s.sync.as_ref().map(|x| &x.peers),
+                    "failover": s.failover,
+                }))
+            }
             Request::Dump {
                 cache: CacheName::Internal,
             } => Reply::Flows(self.mirror.table().iter().cloned().collect()),
+            Request::Dump {
+                cache: CacheName::External,
+            } => match &self.repl {
+                Some(r) => Reply::External(r.external_dump()),
+                None if self.cfg.sync.is_some() => Reply::External(Vec::new()),
+                None => Reply::Error("replication is not configured ([sync] section)".into()),
+            },
+            Request::Demote => {
+                self.failover.demote();
+                if let Some(r) = &mut self.repl {
+                    r.request_resync_all("peer demoted to backup");
+                }
+                done("demoted to backup; purge of own flows scheduled")
+            }
+            Request::Flush {
+                cache: CacheName::Internal,
+            } => {
+                // The mirror must equal the kernel: flushing it means reading it again.
+                let action = self.mirror.overrun();
+                self.act(action);
+                done("internal cache is being re-read from the kernel")
+            }
+            Request::Flush {
+                cache: CacheName::External,
+            } => match &mut self.repl {
+                Some(r) => {
+                    r.flush_external();
+                    done("external cache flushed; peers asked for snapshots")
+                }
+                None => Reply::Error("replication is not configured ([sync] section)".into()),
+            },
+            Request::Resync => {
+                let action = self.mirror.refresh();
+                self.act(action);
+                done("internal cache resync from the kernel started")
+            }
+            Request::RequestResync => match &mut self.repl {
+                Some(r) => {
+                    r.request_resync_all("operator request");
+                    done("snapshots requested from every connected peer")
+                }
+                None => Reply::Error("replication is not configured ([sync] section)".into()),
+            },
+            Request::BulkSend => match &mut self.repl {
+                Some(r) => {
+                    r.resend_all(self.mirror.table());
+                    done("every flow queued for every peer")
+                }
+                None => Reply::Error("replication is not configured ([sync] section)".into()),
+            },
+            Request::Commit | Request::Promote => unreachable!("handled by call()"),
         }
     }
 
@@ -298,6 +533,26 @@ impl State<'_> {
                 heap_bytes: table.heap_bytes(),
                 changes: self.changes,
             },
+            sync: self.repl.as_ref().map(Replication::status),
+            ready: self.mirror.is_synced()
+                && match (&self.cfg.sync, &self.repl) {
+                    (None, _) => true,
+                    (Some(_), Some(r)) => r.is_ready(),
+                    (Some(_), None) => false,
+                },
+            failover: self.failover.status(),
         }
     }
+}
+
+/// Completes when a scheduled purge is due; never when none is.
+async fn purge_timer(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn done(message: &str) -> Reply {
+    Reply::Value(serde_json::json!({ "done": message }))
 }

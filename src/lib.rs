@@ -8,14 +8,23 @@
 //! - [`control`]: the local control socket protocol shared by `ctsyncd` and `syncctl`.
 //! - [`daemon`]: the runtime that wires the kernel bridge, the caches and the control socket.
 //! - [`sync`]: the replication engine and the peer messages (sans-IO).
+//! - [`transport`]: the gRPC peer transport (one mutual-TLS stream per pair of nodes).
+//! - [`wire`]: the peer messages' protobuf form, validated on decode (a peer is a trust boundary).
 //! - [`netns`]: entering network namespaces (tests, benchmarks, demo tooling).
+//! - [`pki`]: the cluster CA and node certificates for mutual TLS between peers.
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod commit;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod failover;
 pub mod flow;
 pub mod netlink;
 pub mod netns;
+pub mod pki;
+pub mod replication;
 pub mod sync;
+pub mod transport;
+pub mod wire;

@@ -38,12 +38,62 @@ enum Command {
         /// Which cache.
         cache: Cache,
     },
+    /// Counters: kernel events, overruns, peers, commits.
+    Stats,
+    /// Write the external cache into the kernel now (exit 1 if any flow was refused).
+    Commit,
+    /// Become primary: commit, rebuild the internal cache from the kernel, send it to peers.
+    Promote,
+    /// Become backup: ask peers for snapshots, purge own flows after the configured delay.
+    Demote,
+    /// Empty a cache (internal: re-read from the kernel; external: refilled by peers).
+    Flush {
+        /// Which cache.
+        cache: Cache,
+    },
+    /// Re-read the internal cache from the kernel.
+    Resync,
+    /// Ask every peer for a full snapshot.
+    RequestResync,
+    /// Send every flow of the internal cache to every peer again.
+    BulkSend,
+    /// Exit 0 if the node is ready to take over (mirror synced, peers' snapshots received or
+    /// peers unreachable past the bound), 1 if not: for keepalived's `vrrp_script`.
+    Ready,
+    /// Cluster certificates for the sync link's mutual TLS.
+    Pki {
+        #[command(subcommand)]
+        action: PkiAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiAction {
+    /// Create the cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        /// Directory for the CA and node files (created 0700).
+        #[arg(long, default_value = "/etc/ctsync/pki")]
+        dir: PathBuf,
+        /// Cluster name, written into the CA's name.
+        #[arg(long)]
+        cluster: String,
+    },
+    /// Issue NODE.pem and NODE.key, signed by the CA in DIR.
+    Issue {
+        /// Directory holding the CA.
+        #[arg(long, default_value = "/etc/ctsync/pki")]
+        dir: PathBuf,
+        /// The node id, as in its config's node_id.
+        node: String,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum Cache {
     /// The mirror of this node's kernel table.
     Internal,
+    /// Flows learnt from peers.
+    External,
 }
 
 fn main() -> ExitCode {
@@ -58,25 +108,117 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let socket = socket_path(args)?;
-    let timeout = Duration::from_secs(args.timeout);
-    let req = match args.command {
-        Command::Status => Request::Status,
-        Command::Dump {
-            cache: Cache::Internal,
-        } => Request::Dump {
-            cache: CacheName::Internal,
+    let req = match &args.command {
+        Command::Pki { action } => return pki(action),
+        Command::Status | Command::Ready => Request::Status,
+        Command::Stats => Request::Stats,
+        Command::Commit => Request::Commit,
+        Command::Promote => Request::Promote,
+        Command::Demote => Request::Demote,
+        Command::Flush { cache } => Request::Flush {
+            cache: cache_name(*cache),
+        },
+        Command::Resync => Request::Resync,
+        Command::RequestResync => Request::RequestResync,
+        Command::BulkSend => Request::BulkSend,
+        Command::Dump { cache } => Request::Dump {
+            cache: cache_name(*cache),
         },
     };
-    let body = control::request(&socket, &req, timeout)?;
+    let socket = socket_path(args)?;
+    let body = match control::request(&socket, &req, Duration::from_secs(args.timeout)) {
+        Err(control::ControlError::Refused(e))
+            if req == Request::Commit || req == Request::Promote =>
+        {
+            eprintln!("syncctl: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        other => other?,
+    };
     let mut out = std::io::stdout().lock();
+    if let Command::Ready = args.command {
+        let status = control::parse_status(&body)?;
+        if args.json {
+            writeln!(out, "{{\"ready\":{}}}", status.ready)?;
+        } else {
+            writeln!(out, "{}", if status.ready { "ready" } else { "not ready" })?;
+        }
+        return Ok(if status.ready {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     if args.json {
         out.write_all(body.as_bytes())?;
         return Ok(ExitCode::SUCCESS);
     }
-    match req {
-        Request::Status => print_status(&mut out, &control::parse_status(&body)?)?,
-        Request::Dump { .. } => print_flows(&mut out, &control::parse_flows(&body)?)?,
+    match &args.command {
+        Command::Dump {
+            cache: Cache::External,
+        } => print_external(&mut out, &control::parse_external(&body)?)?,
+        Command::Dump { .. } => print_flows(&mut out, &control::parse_flows(&body)?)?,
+        Command::Status => print_status(&mut out, &control::parse_status(&body)?)?,
+        _ => print_value(&mut out, &body)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cache_name(c: Cache) -> CacheName {
+    match c {
+        Cache::Internal => CacheName::Internal,
+        Cache::External => CacheName::External,
+    }
+}
+
+/// Prints a JSON answer as indented `key: value` lines.
+fn print_value(out: &mut impl Write, body: &str) -> anyhow::Result<()> {
+    let v: serde_json::Value = serde_json::from_str(body)?;
+    print_tree(out, &v, 0)?;
+    Ok(())
+}
+
+fn print_tree(out: &mut impl Write, v: &serde_json::Value, depth: usize) -> std::io::Result<()> {
+    let pad = "  ".repeat(depth);
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                if v.is_object() || v.is_array() {
+                    writeln!(out, "{pad}{k}:")?;
+                    print_tree(out, v, depth + 1)?;
+                } else {
+                    writeln!(out, "{pad}{k}: {v}")?;
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                writeln!(out, "{pad}- [{i}]")?;
+                print_tree(out, v, depth + 1)?;
+            }
+        }
+        other => writeln!(out, "{pad}{other}")?,
+    }
+    Ok(())
+}
+
+fn pki(action: &PkiAction) -> anyhow::Result<ExitCode> {
+    match action {
+        PkiAction::Init { dir, cluster } => {
+            let ca = ctsync::pki::init_ca(dir, cluster)?;
+            println!(
+                "created cluster CA {} (key next to it, mode 0600)",
+                ca.display()
+            );
+        }
+        PkiAction::Issue { dir, node } => {
+            let (cert, key) = ctsync::pki::issue(dir, node)?;
+            println!(
+                "issued {} and {} (mode 0600)",
+                cert.display(),
+                key.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -130,7 +272,83 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> std::io::Result<()> {
         c.flows,
         c.heap_bytes / 1024,
         c.changes
-    )
+    )?;
+    writeln!(out, "ready         {}", if s.ready { "yes" } else { "NO" })?;
+    let fo = &s.failover;
+    writeln!(
+        out,
+        "role          {:?}, commit mode {:?}, {} commits, {} injected, {} purged{}",
+        fo.role,
+        fo.commit_mode,
+        fo.commits,
+        fo.injected,
+        fo.purged,
+        fo.purge_in_secs
+            .map(|t| format!(", purge in {t:.0} s"))
+            .unwrap_or_default()
+    )?;
+    if let Some(c) = &fo.last_commit {
+        writeln!(
+            out,
+            "last commit   {} flows in {:.1} ms ({} created, {} updated, {} failed)",
+            c.flows, c.ms, c.created, c.updated, c.failed
+        )?;
+    }
+    let Some(sync) = &s.sync else {
+        return writeln!(out, "sync          not configured");
+    };
+    writeln!(
+        out,
+        "sync          cluster {}, epoch {:016x}, listen {}, {}",
+        sync.cluster, sync.epoch, sync.listen, sync.security
+    )?;
+    writeln!(
+        out,
+        "external      {} flows from peers",
+        sync.external_flows
+    )?;
+    writeln!(
+        out,
+        "\n{:<16} {:<10} {:<16} {:>10} {:>10} {:>8} {:>7} {:>9}",
+        "PEER", "STATE", "EPOCH", "ACKED", "LAG", "LAG(s)", "SYNCED", "FLOWS"
+    )?;
+    for p in &sync.peers {
+        writeln!(
+            out,
+            "{:<16} {:<10} {:<16x} {:>10} {:>10} {:>8.2} {:>7} {:>9}",
+            p.node_id,
+            p.state,
+            p.epoch,
+            p.acked_seq,
+            p.lag_changes,
+            p.lag_secs,
+            if p.synced { "yes" } else { "no" },
+            p.external_flows
+        )?;
+    }
+    Ok(())
+}
+
+fn print_external(out: &mut impl Write, entries: &[control::ExternalEntry]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<12} {:<7} {:<12} {:>7}  {:<58} {:<58}",
+        "ORIGIN", "PROTO", "STATE", "TIMEOUT", "ORIGINAL", "REPLY"
+    )?;
+    for e in entries {
+        let f = &e.flow;
+        writeln!(
+            out,
+            "{:<12} {:<7} {:<12} {:>7}  {:<58} {:<58}",
+            e.origin,
+            flow::proto_name(f.key.orig.proto),
+            state(&f.protoinfo),
+            e.remaining_timeout,
+            endpoints(&f.key.orig),
+            endpoints(&f.reply)
+        )?;
+    }
+    writeln!(out, "{} flows", entries.len())
 }
 
 fn print_flows(out: &mut impl Write, flows: &[Flow]) -> std::io::Result<()> {

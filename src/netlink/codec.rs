@@ -550,7 +550,11 @@ pub enum WriteOp {
     /// Create a new entry; fails with `EEXIST` if it exists (so that the caller can update it).
     Create,
     /// Change an existing entry's mutable attributes; fails with `ENOENT` if it does not exist.
+    /// Labels are always written, so that cleared labels are cleared in the kernel too.
     Update,
+    /// `Update` without labels: for entries the kernel keeps no labels for (`ENOSPC` on
+    /// `Update`), whose labels are thus already zero.
+    UpdateWithoutLabels,
     /// Delete the entry.
     Delete,
 }
@@ -565,7 +569,16 @@ pub fn encode_write(buf: &mut Vec<u8>, op: WriteOp, flow: &Flow, seq: u32, ack: 
             ConntrackMessage::New as fn(_) -> _,
             attr::NLM_F_CREATE | attr::NLM_F_EXCL,
         ),
-        WriteOp::Update => (update_attrs(flow), ConntrackMessage::New as fn(_) -> _, 0),
+        WriteOp::Update => (
+            update_attrs(flow, true),
+            ConntrackMessage::New as fn(_) -> _,
+            0,
+        ),
+        WriteOp::UpdateWithoutLabels => (
+            update_attrs(flow, false),
+            ConntrackMessage::New as fn(_) -> _,
+            0,
+        ),
         WriteOp::Delete => (
             key_attrs(&flow.key),
             ConntrackMessage::Delete as fn(_) -> _,
@@ -630,6 +643,48 @@ fn emit_message(
     let start = buf.len();
     buf.resize(start + nl.buffer_len(), 0);
     nl.serialize(&mut buf[start..]);
+    // netlink-nlmsghdr (16) + nfgenmsg (4), then the attributes.
+    set_nested_flags(&mut buf[start + 20..]);
+}
+
+/// Sets `NLA_F_NESTED` on the nests that travel as raw attributes.
+///
+/// netlink-packet-netfilter's `Other` wrappers report themselves as not nested, so the flag
+/// given to their `DefaultNla` is dropped on emit. Kernels ignore it today, but it is part of
+/// the format, and stricter parsers require it.
+fn set_nested_flags(attrs: &mut [u8]) {
+    const RAW_NESTS: [u16; 7] = [
+        cta::NAT_SRC,
+        cta::NAT_DST,
+        cta::TUPLE_MASTER,
+        cta::HELP,
+        cta::SEQ_ADJ_ORIG,
+        cta::SEQ_ADJ_REPLY,
+        cta::SYNPROXY,
+    ];
+    for_each_nla(attrs, |kind, value| {
+        if kind == cta::PROTOINFO {
+            for_each_nla(value, |_, _| true);
+        }
+        RAW_NESTS.contains(&kind) || kind == cta::PROTOINFO
+    });
+}
+
+/// Walks the attributes of `buf`; sets the nested flag where `nested(kind, value)` says so.
+fn for_each_nla(buf: &mut [u8], mut nested: impl FnMut(u16, &mut [u8]) -> bool) {
+    let mut off = 0;
+    while off + 4 <= buf.len() {
+        let len = usize::from(u16::from_ne_bytes([buf[off], buf[off + 1]]));
+        if len < 4 || off + len > buf.len() {
+            return;
+        }
+        let kind = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & NLA_TYPE_MASK;
+        if nested(kind, &mut buf[off + 4..off + len]) {
+            let flagged = (kind | NLA_F_NESTED).to_ne_bytes();
+            buf[off + 2..off + 4].copy_from_slice(&flagged);
+        }
+        off += align4(len);
+    }
 }
 
 fn family(t: &Tuple) -> NetfilterProtoFamily {
@@ -673,11 +728,14 @@ fn create_attrs(flow: &Flow) -> Vec<ConntrackAttribute> {
     attrs
 }
 
-fn update_attrs(flow: &Flow) -> Vec<ConntrackAttribute> {
+fn update_attrs(flow: &Flow, labels: bool) -> Vec<ConntrackAttribute> {
     let mut attrs = key_attrs(&flow.key);
     // NAT, master and helper cannot change on an existing entry; the kernel refuses them.
     let st = (flow.status | status::CONFIRMED) & !status::DYING;
     mutable_attrs(&mut attrs, flow, st, false);
+    if labels && flow.labels == 0 {
+        attrs.push(raw(cta::LABELS, encode_labels(0)));
+    }
     attrs
 }
 
@@ -687,7 +745,8 @@ fn mutable_attrs(attrs: &mut Vec<ConntrackAttribute>, flow: &Flow, st: u32, crea
     if flow.mark != 0 || !create {
         attrs.push(ConntrackAttribute::CtaMark(flow.mark));
     }
-    // Labels need the kernel's label extension; an all-zero write would fail where it is absent.
+    // Labels need the kernel's label extension; an all-zero write fails where it is absent
+    // (updates handle that case themselves).
     if flow.labels != 0 {
         attrs.push(raw(cta::LABELS, encode_labels(flow.labels)));
     }

@@ -166,7 +166,10 @@ impl EventSource {
             let flags = if blocking { 0 } else { libc::MSG_DONTWAIT };
             match self.recv(flags) {
                 Ok(n) => self.decode_into(n, out),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => out.push(KernelEvent::Overrun),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    self.drain_after_overrun();
+                    out.push(KernelEvent::Overrun)
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -180,6 +183,31 @@ impl EventSource {
             blocking = false;
         }
         Ok(())
+    }
+
+    /// After `ENOBUFS`, discards everything still queued.
+    ///
+    /// The kernel reports the overrun *before* the events queued ahead of the loss, and stays
+    /// silent about further losses until the queue has been emptied once. Those queued events
+    /// are older than the repair dump that follows, so replaying them on top of it would bring
+    /// back flows whose deletion was lost; emptying the queue also re-arms the kernel's overrun
+    /// report, so that no later loss goes unnoticed.
+    fn drain_after_overrun(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut drained = 0u64;
+        loop {
+            match self.recv(libc::MSG_DONTWAIT) {
+                Ok(_) => drained += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(drained, "event queue still not empty after 2 s of draining");
+                break;
+            }
+        }
+        tracing::debug!(drained, "event queue drained after overrun");
     }
 
     fn recv(&mut self, flags: i32) -> io::Result<usize> {
@@ -218,12 +246,12 @@ impl EventSource {
 }
 
 /// One flow the kernel did not accept.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WriteFailure {
     /// Which flow.
     pub key: FlowKey,
     /// The last operation tried.
-    pub op: &'static str,
+    pub op: String,
     /// The kernel's errno.
     pub errno: i32,
     /// `strerror` of it.
@@ -251,7 +279,7 @@ impl WriteReport {
     fn fail(&mut self, flow: &Flow, op: WriteOp, errno: i32) {
         self.failures.push(WriteFailure {
             key: flow.key,
-            op: op_name(op),
+            op: op_name(op).to_string(),
             errno,
             error: io::Error::from_raw_os_error(errno).to_string(),
         });
@@ -270,7 +298,7 @@ impl WriteReport {
 fn op_name(op: WriteOp) -> &'static str {
     match op {
         WriteOp::Create => "create",
-        WriteOp::Update => "update",
+        WriteOp::Update | WriteOp::UpdateWithoutLabels => "update",
         WriteOp::Delete => "delete",
     }
 }
@@ -382,10 +410,19 @@ impl Lane {
             }
         }
         let mut refused = Vec::new();
+        let mut unlabelled = Vec::new();
         for (i, errno) in self.run(WriteOp::Update, &existing)? {
             match errno {
                 0 => report.updated += 1,
+                // No label storage on this entry: its labels are zero, as wanted.
+                e if e == libc::ENOSPC && existing[i].labels == 0 => unlabelled.push(existing[i]),
                 _ => refused.push(existing[i]),
+            }
+        }
+        for (i, errno) in self.run(WriteOp::UpdateWithoutLabels, &unlabelled)? {
+            match errno {
+                0 => report.updated += 1,
+                _ => refused.push(unlabelled[i]),
             }
         }
         // An update can be refused (status bits that only the kernel may change, or the entry

@@ -284,6 +284,20 @@ impl Engine {
         &mut self.external
     }
 
+    /// Asks every connected peer for a full snapshot (after a demotion, or by the operator).
+    pub fn request_resync_all(&mut self, reason: &str) {
+        for p in self.peers.values_mut().filter(|p| p.connected) {
+            p.control.push_back(Message::ResyncRequest {
+                reason: reason.into(),
+            });
+        }
+    }
+
+    /// Whether peers must learn every flow again: re-index the whole table (bulk send).
+    pub fn resend_all(&mut self, table: &FlowTable, now: Duration) {
+        self.index_all(table, now);
+    }
+
     /// Records a change of the internal cache (never one caused by our own writes).
     pub fn local_change(&mut self, change: &Change, table: &FlowTable, now: Duration) {
         let secs = now.as_secs();

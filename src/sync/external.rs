@@ -52,6 +52,8 @@ pub struct OriginCache {
     generation: u32,
     snapshot: Option<u64>,
     snapshots_completed: u64,
+    /// Keys changed since the last `take_changes`, when tracking (continuous injection).
+    log: Option<Vec<(FlowKey, bool)>>,
 }
 
 /// Outcome of handing a sequenced message to an origin cache.
@@ -153,6 +155,12 @@ impl OriginCache {
         verdict
     }
 
+    fn logged(&mut self, key: FlowKey, deleted: bool) {
+        if let Some(log) = &mut self.log {
+            log.push((key, deleted));
+        }
+    }
+
     fn upsert(&mut self, version: u64, flow: &Flow, now: Duration) {
         if self
             .tombstones
@@ -161,6 +169,7 @@ impl OriginCache {
         {
             return;
         }
+        let mut changed = true;
         let generation = self.generation;
         let h = self.hasher.hash_one(flow.key);
         let hasher = &self.hasher;
@@ -177,6 +186,8 @@ impl OriginCache {
                     cur.flow.clone_from(flow);
                     cur.version = version;
                     cur.received_at = now;
+                } else {
+                    changed = false;
                 }
             }
             Entry::Vacant(e) => {
@@ -188,6 +199,9 @@ impl OriginCache {
                 });
             }
         }
+        if changed {
+            self.logged(flow.key, false);
+        }
     }
 
     fn delete(&mut self, version: u64, key: &FlowKey) {
@@ -195,6 +209,7 @@ impl OriginCache {
         if let Ok(e) = self.flows.find_entry(h, |f| f.flow.key == *key) {
             if e.get().version <= version {
                 e.remove();
+                self.logged(*key, true);
             }
         }
         if self.tombstones.insert(*key, version).is_none() {
@@ -225,7 +240,17 @@ impl OriginCache {
         }
         let before = self.flows.len();
         let generation = self.generation;
-        self.flows.retain(|f| f.generation == generation);
+        let mut gone = Vec::new();
+        self.flows.retain(|f| {
+            let keep = f.generation == generation;
+            if !keep {
+                gone.push(f.flow.key);
+            }
+            keep
+        });
+        for key in gone {
+            self.logged(key, true);
+        }
         self.snapshot = None;
         self.snapshots_completed += 1;
         (verdict, before - self.flows.len())
@@ -237,16 +262,64 @@ impl OriginCache {
     }
 }
 
+/// A change of the external cache, for continuous injection into the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalChange {
+    /// The origin node.
+    pub origin: String,
+    /// The flow.
+    pub key: FlowKey,
+    /// Whether it was removed (else created or changed).
+    pub deleted: bool,
+}
+
 /// Flows learnt from every origin.
 #[derive(Debug, Default)]
 pub struct ExternalCache {
     origins: HashMap<String, OriginCache>,
+    tracking: bool,
 }
 
 impl ExternalCache {
     /// The cache of one origin, created on first use.
     pub fn origin_mut(&mut self, node_id: &str) -> &mut OriginCache {
-        self.origins.entry(node_id.to_string()).or_default()
+        let tracking = self.tracking;
+        self.origins
+            .entry(node_id.to_string())
+            .or_insert_with(|| OriginCache {
+                log: tracking.then(Vec::new),
+                ..OriginCache::default()
+            })
+    }
+
+    /// Starts or stops recording changes for [`ExternalCache::take_changes`].
+    pub fn track_changes(&mut self, on: bool) {
+        self.tracking = on;
+        for o in self.origins.values_mut() {
+            o.log = on.then(Vec::new);
+        }
+    }
+
+    /// Changes recorded since the last call, in order per origin.
+    pub fn take_changes(&mut self) -> Vec<ExternalChange> {
+        let mut out = Vec::new();
+        for (name, o) in &mut self.origins {
+            if let Some(log) = &mut o.log {
+                out.extend(log.drain(..).map(|(key, deleted)| ExternalChange {
+                    origin: name.clone(),
+                    key,
+                    deleted,
+                }));
+            }
+        }
+        out
+    }
+
+    /// Drops every flow of every origin.
+    pub fn clear(&mut self) {
+        for o in self.origins.values_mut() {
+            o.clear();
+        }
     }
 
     /// The cache of one origin.
@@ -356,6 +429,33 @@ mod tests {
         assert!(c.get(&flow(1, 0).key).is_none());
         assert!(c.get(&flow(2, 0).key).is_some());
         assert_eq!(c.snapshots_completed(), 1);
+    }
+
+    #[test]
+    fn tracked_changes_list_applied_upserts_and_deletes() {
+        let mut ext = ExternalCache::default();
+        ext.track_changes(true);
+        let o = ext.origin_mut("fw9");
+        o.set_epoch(7);
+        o.apply_batch(
+            &batch(1, vec![(1, flow(1, 0)), (2, flow(2, 0))], vec![]),
+            Duration::ZERO,
+        );
+        o.apply_batch(
+            &batch(2, vec![(1, flow(1, 5))], vec![(3, flow(2, 0).key)]),
+            Duration::ZERO,
+        );
+        let changes = ext.take_changes();
+        let summary: Vec<(u16, bool)> = changes
+            .iter()
+            .map(|c| match c.key.orig.l4 {
+                L4::Ports { src, .. } => (src, c.deleted),
+                _ => (0, c.deleted),
+            })
+            .collect();
+        // The stale version-1 update of flow 1 changed nothing and is not listed.
+        assert_eq!(summary, vec![(1, false), (2, false), (2, true)]);
+        assert!(ext.take_changes().is_empty());
     }
 
     #[test]

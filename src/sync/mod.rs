@@ -12,7 +12,7 @@ pub mod index;
 pub mod message;
 
 pub use engine::{Engine, EngineConfig, PeerError, PeerStatus};
-pub use external::{ExternalCache, ExternalFlow, OriginCache};
+pub use external::{ExternalCache, ExternalChange, ExternalFlow, OriginCache};
 pub use message::{Batch, Hello, Message, VERSION_MAJOR, VERSION_MINOR};
 
 #[cfg(test)]

@@ -1,0 +1,358 @@
+//! Failover: commit of the external cache, promote/demote, purge and continuous injection.
+//!
+//! Kernel writes are blocking system calls and a commit of 250k flows takes a noticeable
+//! fraction of a second, so each write runs as a job on the blocking pool with the [`Writer`]
+//! moved into it; the state task keeps serving events and peers meanwhile and learns of the
+//! result through a channel. One job at a time: the writer is either here or in the job.
+
+use crate::commit::{self, CommitOptions};
+use crate::config::{CommitMode, FailoverConfig};
+use crate::flow::{Flow, FlowKey};
+use crate::netlink::{WriteReport, Writer};
+use crate::sync::{ExternalCache, ExternalChange};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The node's role, as keepalived last told it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Not told yet.
+    Unknown,
+    /// Holds the virtual IP: its flows are the ones that matter.
+    Primary,
+    /// Standby.
+    Backup,
+}
+
+/// What a finished job was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// Operator's commit.
+    Commit,
+    /// Commit as the first step of a promotion.
+    Promote,
+    /// Continuous injection of replicated changes.
+    Inject,
+    /// Removal of flows this node no longer owns, after a demotion.
+    Purge,
+}
+
+/// A finished job.
+pub struct JobDone {
+    kind: JobKind,
+    writer: Writer,
+    result: Result<WriteReport, String>,
+    flows: usize,
+    elapsed: Duration,
+}
+
+/// Outcome of a commit, for `syncctl commit` and status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitSummary {
+    /// Flows in the external cache that were written.
+    pub flows: usize,
+    /// Entries created.
+    pub created: u64,
+    /// Existing entries updated.
+    pub updated: u64,
+    /// Existing entries replaced (update refused).
+    pub replaced: u64,
+    /// Flows the kernel refused.
+    pub failed: usize,
+    /// The first refusals, with the reason.
+    pub failures: Vec<crate::netlink::WriteFailure>,
+    /// Wall time of the write, in milliseconds.
+    pub ms: f64,
+    /// A failure of the write as a whole (socket error), if any.
+    pub error: Option<String>,
+}
+
+impl CommitSummary {
+    fn new(flows: usize, result: &Result<WriteReport, String>, elapsed: Duration) -> Self {
+        let (report, error) = match result {
+            Ok(r) => (r.clone(), None),
+            Err(e) => (WriteReport::default(), Some(e.clone())),
+        };
+        CommitSummary {
+            flows,
+            created: report.created,
+            updated: report.updated,
+            replaced: report.replaced,
+            failed: report.failures.len(),
+            failures: report.failures.into_iter().take(100).collect(),
+            ms: elapsed.as_secs_f64() * 1e3,
+            error,
+        }
+    }
+
+    /// Whether every flow made it into the kernel.
+    pub fn ok(&self) -> bool {
+        self.failed == 0 && self.error.is_none()
+    }
+}
+
+/// Failover counters and state for status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailoverStatus {
+    /// Current role.
+    pub role: Role,
+    /// `manual` or `continuous`.
+    pub commit_mode: CommitMode,
+    /// Commits done (promotions included).
+    pub commits: u64,
+    /// The last commit.
+    pub last_commit: Option<CommitSummary>,
+    /// Flows injected continuously.
+    pub injected: u64,
+    /// Continuous injections the kernel refused.
+    pub inject_failures: u64,
+    /// Flows purged after demotions.
+    pub purged: u64,
+    /// Seconds until a scheduled purge, if one is pending.
+    pub purge_in_secs: Option<f64>,
+    /// A kernel write is running.
+    pub busy: bool,
+}
+
+/// What the state task must do after a job finished.
+#[derive(Debug, PartialEq)]
+pub enum AfterJob {
+    /// Nothing more.
+    Nothing,
+    /// A promotion's commit is done: rebuild the internal cache from the kernel and send
+    /// everything to peers.
+    RebuildAndAnnounce(CommitSummary),
+    /// A commit is done.
+    Committed(CommitSummary),
+}
+
+/// Failover state owned by the daemon's state task.
+pub struct Failover {
+    opts: CommitOptions,
+    mode: CommitMode,
+    purge_delay: Duration,
+    writer: Option<Writer>,
+    role: Role,
+    jobs_tx: mpsc::Sender<JobDone>,
+    purge_at: Option<Instant>,
+    /// Continuous mode: replicated keys still to write, coalesced (true: delete).
+    inject_pending: HashMap<FlowKey, bool>,
+    commits: u64,
+    last_commit: Option<CommitSummary>,
+    injected: u64,
+    inject_failures: u64,
+    purged: u64,
+}
+
+impl Failover {
+    /// Takes the writer; finished jobs arrive on the returned receiver.
+    pub fn new(cfg: &FailoverConfig, writer: Writer) -> (Failover, mpsc::Receiver<JobDone>) {
+        let (jobs_tx, rx) = mpsc::channel(4);
+        let f = Failover {
+            opts: CommitOptions {
+                min_timeout: cfg.min_timeout,
+                tcp_liberal: cfg.tcp_liberal,
+            },
+            mode: cfg.commit_mode,
+            purge_delay: cfg.purge_delay,
+            writer: Some(writer),
+            role: Role::Unknown,
+            jobs_tx,
+            purge_at: None,
+            inject_pending: HashMap::new(),
+            commits: 0,
+            last_commit: None,
+            injected: 0,
+            inject_failures: 0,
+            purged: 0,
+        };
+        (f, rx)
+    }
+
+    /// Whether replicated changes go into the kernel as they arrive.
+    pub fn continuous(&self) -> bool {
+        self.mode == CommitMode::Continuous
+    }
+
+    /// Whether a write job is running.
+    pub fn busy(&self) -> bool {
+        self.writer.is_none()
+    }
+
+    /// When a scheduled purge is due.
+    pub fn purge_at(&self) -> Option<Instant> {
+        self.purge_at
+    }
+
+    /// Starts a commit of the whole external cache (also the first step of a promotion).
+    pub fn commit(&mut self, external: &ExternalCache, now: Duration, kind: JobKind) -> bool {
+        let flows = commit::prepare_all(external, now, &self.opts);
+        if kind == JobKind::Promote {
+            self.role = Role::Primary;
+            self.purge_at = None;
+        }
+        self.spawn(kind, flows, Vec::new())
+    }
+
+    /// Becomes backup: a purge of flows we no longer own is scheduled (a promotion cancels it).
+    pub fn demote(&mut self) {
+        self.role = Role::Backup;
+        self.purge_at = Some(Instant::now() + self.purge_delay);
+    }
+
+    /// Queues replicated changes for continuous injection.
+    pub fn queue_injection(&mut self, changes: Vec<ExternalChange>) {
+        for c in changes {
+            self.inject_pending.insert(c.key, c.deleted);
+        }
+    }
+
+    /// Starts a continuous-injection job for what is pending, if the writer is free.
+    pub fn inject_pending(&mut self, external: &ExternalCache, now: Duration) {
+        if self.inject_pending.is_empty() || self.busy() {
+            return;
+        }
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for (key, deleted) in self.inject_pending.drain() {
+            let current = external.origins().find_map(|(_, o)| o.get(&key));
+            match current {
+                Some(e) if !deleted => upserts.push(commit::prepare(
+                    &e.flow,
+                    e.remaining_timeout(now),
+                    &self.opts,
+                )),
+                Some(_) => {}
+                None => deletes.push(key_only(key)),
+            }
+        }
+        self.spawn(JobKind::Inject, upserts, deletes);
+    }
+
+    /// Runs a due purge: deletes kernel flows that are ours (in `internal`) and not replicated
+    /// from a peer. Returns whether a job started.
+    pub fn purge_if_due(
+        &mut self,
+        internal: &crate::cache::FlowTable,
+        external: &ExternalCache,
+    ) -> bool {
+        let due = self.purge_at.is_some_and(|t| Instant::now() >= t);
+        if !due || self.busy() {
+            return false;
+        }
+        self.purge_at = None;
+        let replicated = |k: &FlowKey| external.origins().any(|(_, o)| o.get(k).is_some());
+        let doomed: Vec<Flow> = internal
+            .iter()
+            .filter(|f| !replicated(&f.key))
+            .cloned()
+            .collect();
+        tracing::info!(
+            flows = doomed.len(),
+            "purging flows this backup no longer owns"
+        );
+        self.spawn(JobKind::Purge, Vec::new(), doomed)
+    }
+
+    fn spawn(&mut self, kind: JobKind, upserts: Vec<Flow>, deletes: Vec<Flow>) -> bool {
+        let Some(mut writer) = self.writer.take() else {
+            return false;
+        };
+        let tx = self.jobs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let flows = upserts.len() + deletes.len();
+            let result = writer
+                .upsert(&upserts)
+                .and_then(|mut r| {
+                    let d = writer.delete(&deletes)?;
+                    r.deleted += d.deleted;
+                    r.absent += d.absent;
+                    r.failures.extend(d.failures);
+                    Ok(r)
+                })
+                .map_err(|e| e.to_string());
+            let done = JobDone {
+                kind,
+                writer,
+                result,
+                flows,
+                elapsed: t0.elapsed(),
+            };
+            let _ = tx.blocking_send(done);
+        });
+        true
+    }
+
+    /// A job finished: take the writer back and report.
+    pub fn job_done(&mut self, done: JobDone) -> AfterJob {
+        self.writer = Some(done.writer);
+        match done.kind {
+            JobKind::Commit | JobKind::Promote => {
+                let summary = CommitSummary::new(done.flows, &done.result, done.elapsed);
+                self.commits += 1;
+                self.last_commit = Some(summary.clone());
+                tracing::info!(
+                    flows = summary.flows,
+                    created = summary.created,
+                    updated = summary.updated,
+                    failed = summary.failed,
+                    ms = summary.ms,
+                    "external cache committed"
+                );
+                for f in summary.failures.iter().take(10) {
+                    tracing::warn!(flow = %f.key.orig, error = %f.error, "commit refused");
+                }
+                if done.kind == JobKind::Promote {
+                    AfterJob::RebuildAndAnnounce(summary)
+                } else {
+                    AfterJob::Committed(summary)
+                }
+            }
+            JobKind::Inject => {
+                match &done.result {
+                    Ok(r) => {
+                        self.injected += r.created + r.updated + r.replaced + r.deleted;
+                        self.inject_failures += r.failures.len() as u64;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "continuous injection failed");
+                        self.inject_failures += done.flows as u64;
+                    }
+                }
+                AfterJob::Nothing
+            }
+            JobKind::Purge => {
+                if let Ok(r) = &done.result {
+                    self.purged += r.deleted;
+                }
+                AfterJob::Nothing
+            }
+        }
+    }
+
+    /// State for `syncctl status`.
+    pub fn status(&self) -> FailoverStatus {
+        FailoverStatus {
+            role: self.role,
+            commit_mode: self.mode,
+            commits: self.commits,
+            last_commit: self.last_commit.clone(),
+            injected: self.injected,
+            inject_failures: self.inject_failures,
+            purged: self.purged,
+            purge_in_secs: self
+                .purge_at
+                .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
+            busy: self.busy(),
+        }
+    }
+}
+
+/// A flow carrying only its key, for deletes (the kernel needs nothing else).
+fn key_only(key: FlowKey) -> Flow {
+    Flow::new(key.zone, key.orig, key.orig.inverse())
+}

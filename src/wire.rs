@@ -1,0 +1,1206 @@
+//! Conversions between the sync engine's messages ([`crate::sync::Message`]) and their protobuf
+//! wire form ([`pb`], generated from `proto/ctsync.proto`).
+//!
+//! Encoding cannot fail. Decoding is a trust boundary: whatever a peer sends is checked before it
+//! becomes a [`Flow`], so every value fits its Rust type and every tuple is one the kernel could
+//! hold. A message that breaks a rule is rejected whole with a [`WireError`] naming the offending
+//! field (`batch.upserts[3].flow.reply.src: address of 5 bytes, …`); nothing here panics on peer
+//! input.
+//!
+//! Conventions on the wire:
+//! - addresses are 4 (IPv4) or 16 (IPv6) bytes, both of one family within a tuple;
+//! - the layer-4 fields a protocol does not use are 0: ports only for
+//!   [`proto::has_ports`] protocols, id/type/code only for [`proto::is_icmp`] ones;
+//! - labels are 16 bytes big-endian (label *n* is bit *n* of the number), and are left empty when
+//!   no label is set, which is almost always (an empty field costs nothing, 16 zero bytes cost 18).
+
+use crate::flow::{
+    proto, Flow, FlowKey, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple, Zone, ZoneDir, L4,
+};
+use crate::sync::{Batch, Hello, Message};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Types generated from `proto/ctsync.proto`.
+pub mod pb {
+    #![allow(missing_docs)]
+    tonic::include_proto!("ctsync.v1");
+}
+
+use pb::peer_message::Body;
+
+/// Why a peer's message was rejected.
+///
+/// `field` is the path of the offending field inside the message, e.g.
+/// `batch.upserts[3].flow.key.orig.src_port`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The message has no body: it is empty, or of a type this version does not know.
+    #[error("peer message without a body (empty, or of a type this version does not know)")]
+    EmptyMessage,
+    /// A submessage the model requires is absent.
+    #[error("{field}: required but missing")]
+    Missing {
+        /// Path of the field.
+        field: String,
+    },
+    /// An address is neither 4 nor 16 bytes long.
+    #[error("{field}: address of {len} bytes, expected 4 (IPv4) or 16 (IPv6)")]
+    AddressLength {
+        /// Path of the field.
+        field: String,
+        /// Length received.
+        len: usize,
+    },
+    /// The two addresses of a tuple are of different families.
+    #[error("{field}: source and destination addresses of different families")]
+    MixedFamily {
+        /// Path of the tuple.
+        field: String,
+    },
+    /// A number does not fit the width of its field in the model.
+    #[error("{field}: {value} does not fit in {bits} bits")]
+    OutOfRange {
+        /// Path of the field.
+        field: String,
+        /// Value received.
+        value: u64,
+        /// Width of the field in the model.
+        bits: u32,
+    },
+    /// A layer-4 field is set for a protocol that does not use it.
+    #[error("{field}: must be 0 for IP protocol {proto}, which has no {what}")]
+    UnusedL4 {
+        /// Path of the field.
+        field: String,
+        /// The tuple's IP protocol.
+        proto: u8,
+        /// What the protocol lacks ("ports" or "ICMP id, type and code").
+        what: &'static str,
+    },
+    /// Labels are neither empty nor 16 bytes long.
+    #[error("{field}: {len} bytes, expected 16 (or none when no label is set)")]
+    LabelsLength {
+        /// Path of the field.
+        field: String,
+        /// Length received.
+        len: usize,
+    },
+    /// An enumeration value this version does not know.
+    #[error("{field}: unknown value {value}")]
+    UnknownEnum {
+        /// Path of the field.
+        field: String,
+        /// Value received.
+        value: i32,
+    },
+}
+
+impl WireError {
+    /// Puts `prefix` in front of the field path (errors bubble up from the innermost field).
+    fn within(mut self, prefix: impl fmt::Display) -> Self {
+        match &mut self {
+            WireError::EmptyMessage => {}
+            WireError::Missing { field }
+            | WireError::AddressLength { field, .. }
+            | WireError::MixedFamily { field }
+            | WireError::OutOfRange { field, .. }
+            | WireError::UnusedL4 { field, .. }
+            | WireError::LabelsLength { field, .. }
+            | WireError::UnknownEnum { field, .. } => {
+                *field = if field.is_empty() {
+                    prefix.to_string()
+                } else {
+                    format!("{prefix}.{field}")
+                };
+            }
+        }
+        self
+    }
+
+    /// Path of the offending field (empty for [`WireError::EmptyMessage`]).
+    pub fn field(&self) -> &str {
+        match self {
+            WireError::EmptyMessage => "",
+            WireError::Missing { field }
+            | WireError::AddressLength { field, .. }
+            | WireError::MixedFamily { field }
+            | WireError::OutOfRange { field, .. }
+            | WireError::UnusedL4 { field, .. }
+            | WireError::LabelsLength { field, .. }
+            | WireError::UnknownEnum { field, .. } => field,
+        }
+    }
+}
+
+/// Adds a path prefix to the error of a result.
+trait Within<T> {
+    fn within(self, prefix: impl fmt::Display) -> Result<T, WireError>;
+}
+
+impl<T> Within<T> for Result<T, WireError> {
+    fn within(self, prefix: impl fmt::Display) -> Result<T, WireError> {
+        self.map_err(|e| e.within(prefix))
+    }
+}
+
+fn missing(field: &str) -> WireError {
+    WireError::Missing {
+        field: field.to_string(),
+    }
+}
+
+/// Narrows a wire number to the model's width.
+fn narrow<T: TryFrom<u64>>(value: impl Into<u64>, field: &str) -> Result<T, WireError> {
+    let value = value.into();
+    T::try_from(value).map_err(|_| WireError::OutOfRange {
+        field: field.to_string(),
+        value,
+        bits: 8 * std::mem::size_of::<T>() as u32,
+    })
+}
+
+fn require<T>(v: Option<T>, field: &str) -> Result<T, WireError> {
+    v.ok_or_else(|| missing(field))
+}
+
+/// Encodes a message.
+pub fn encode(msg: &Message) -> pb::PeerMessage {
+    msg.into()
+}
+
+/// Decodes and validates a peer's message.
+pub fn decode(msg: pb::PeerMessage) -> Result<Message, WireError> {
+    msg.try_into()
+}
+
+// ---- Messages ----
+
+impl From<&Message> for pb::PeerMessage {
+    fn from(msg: &Message) -> Self {
+        let body = match msg {
+            Message::Hello(h) => Body::Hello(pb::Hello {
+                version_major: h.version_major,
+                version_minor: h.version_minor,
+                cluster: h.cluster.clone(),
+                node_id: h.node_id.clone(),
+                epoch: h.epoch,
+                have_epoch: h.have_epoch,
+                have_seq: h.have_seq,
+            }),
+            Message::Batch(b) => Body::Batch(pb::Batch {
+                epoch: b.epoch,
+                seq: b.seq,
+                upserts: b
+                    .upserts
+                    .iter()
+                    .map(|(version, flow)| pb::FlowUpdate {
+                        version: *version,
+                        flow: Some(flow.into()),
+                    })
+                    .collect(),
+                deletes: b
+                    .deletes
+                    .iter()
+                    .map(|(version, key)| pb::FlowDelete {
+                        version: *version,
+                        key: Some(key.into()),
+                    })
+                    .collect(),
+            }),
+            Message::Ack { epoch, seq } => Body::Ack(pb::Ack {
+                epoch: *epoch,
+                seq: *seq,
+            }),
+            Message::ResyncRequest { reason } => Body::ResyncRequest(pb::ResyncRequest {
+                reason: reason.clone(),
+            }),
+            Message::SnapshotBegin { epoch, seq, id } => Body::SnapshotBegin(pb::SnapshotBegin {
+                epoch: *epoch,
+                seq: *seq,
+                snapshot_id: *id,
+            }),
+            Message::SnapshotEnd {
+                epoch,
+                seq,
+                id,
+                flows,
+            } => Body::SnapshotEnd(pb::SnapshotEnd {
+                epoch: *epoch,
+                seq: *seq,
+                snapshot_id: *id,
+                flows: *flows,
+            }),
+            Message::Heartbeat {
+                epoch,
+                sent_unix_ms,
+            } => Body::Heartbeat(pb::Heartbeat {
+                epoch: *epoch,
+                sent_unix_ms: *sent_unix_ms,
+            }),
+        };
+        pb::PeerMessage { body: Some(body) }
+    }
+}
+
+impl From<Message> for pb::PeerMessage {
+    fn from(msg: Message) -> Self {
+        (&msg).into()
+    }
+}
+
+impl TryFrom<pb::PeerMessage> for Message {
+    type Error = WireError;
+
+    fn try_from(msg: pb::PeerMessage) -> Result<Self, WireError> {
+        Ok(match msg.body.ok_or(WireError::EmptyMessage)? {
+            Body::Hello(h) => Message::Hello(Hello {
+                version_major: h.version_major,
+                version_minor: h.version_minor,
+                cluster: h.cluster,
+                node_id: h.node_id,
+                epoch: h.epoch,
+                have_epoch: h.have_epoch,
+                have_seq: h.have_seq,
+            }),
+            Body::Batch(b) => Message::Batch(decode_batch(b).within("batch")?),
+            Body::Ack(a) => Message::Ack {
+                epoch: a.epoch,
+                seq: a.seq,
+            },
+            Body::ResyncRequest(r) => Message::ResyncRequest { reason: r.reason },
+            Body::SnapshotBegin(s) => Message::SnapshotBegin {
+                epoch: s.epoch,
+                seq: s.seq,
+                id: s.snapshot_id,
+            },
+            Body::SnapshotEnd(s) => Message::SnapshotEnd {
+                epoch: s.epoch,
+                seq: s.seq,
+                id: s.snapshot_id,
+                flows: s.flows,
+            },
+            Body::Heartbeat(h) => Message::Heartbeat {
+                epoch: h.epoch,
+                sent_unix_ms: h.sent_unix_ms,
+            },
+        })
+    }
+}
+
+fn decode_batch(b: pb::Batch) -> Result<Batch, WireError> {
+    let mut upserts = Vec::with_capacity(b.upserts.len());
+    for (i, u) in b.upserts.into_iter().enumerate() {
+        let flow = require(u.flow, "flow")
+            .and_then(|f| Flow::try_from(f).within("flow"))
+            .within(format_args!("upserts[{i}]"))?;
+        upserts.push((u.version, flow));
+    }
+    let mut deletes = Vec::with_capacity(b.deletes.len());
+    for (i, d) in b.deletes.into_iter().enumerate() {
+        let key = require(d.key, "key")
+            .and_then(|k| FlowKey::try_from(k).within("key"))
+            .within(format_args!("deletes[{i}]"))?;
+        deletes.push((d.version, key));
+    }
+    Ok(Batch {
+        epoch: b.epoch,
+        seq: b.seq,
+        upserts,
+        deletes,
+    })
+}
+
+// ---- Tuples ----
+
+fn encode_addr(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn decode_addr(b: &[u8], field: &str) -> Result<IpAddr, WireError> {
+    if let Ok(a) = <[u8; 4]>::try_from(b) {
+        Ok(IpAddr::V4(Ipv4Addr::from(a)))
+    } else if let Ok(a) = <[u8; 16]>::try_from(b) {
+        Ok(IpAddr::V6(Ipv6Addr::from(a)))
+    } else {
+        Err(WireError::AddressLength {
+            field: field.to_string(),
+            len: b.len(),
+        })
+    }
+}
+
+impl From<&Tuple> for pb::Tuple {
+    fn from(t: &Tuple) -> Self {
+        let mut out = pb::Tuple {
+            src: encode_addr(t.src),
+            dst: encode_addr(t.dst),
+            proto: t.proto.into(),
+            ..Default::default()
+        };
+        match t.l4 {
+            L4::None => {}
+            L4::Ports { src, dst } => {
+                out.src_port = src.into();
+                out.dst_port = dst.into();
+            }
+            L4::Icmp { id, kind, code } => {
+                out.icmp_id = id.into();
+                out.icmp_type = kind.into();
+                out.icmp_code = code.into();
+            }
+        }
+        out
+    }
+}
+
+impl TryFrom<pb::Tuple> for Tuple {
+    type Error = WireError;
+
+    fn try_from(t: pb::Tuple) -> Result<Self, WireError> {
+        let src = decode_addr(&t.src, "src")?;
+        let dst = decode_addr(&t.dst, "dst")?;
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err(WireError::MixedFamily {
+                field: String::new(),
+            });
+        }
+        let p: u8 = narrow(t.proto, "proto")?;
+        let unused = |field: &str, value: u32, what: &'static str| {
+            if value == 0 {
+                Ok(())
+            } else {
+                Err(WireError::UnusedL4 {
+                    field: field.to_string(),
+                    proto: p,
+                    what,
+                })
+            }
+        };
+        const PORTS: &str = "ports";
+        const ICMP: &str = "ICMP id, type and code";
+        let l4 = if proto::has_ports(p) {
+            unused("icmp_id", t.icmp_id, ICMP)?;
+            unused("icmp_type", t.icmp_type, ICMP)?;
+            unused("icmp_code", t.icmp_code, ICMP)?;
+            L4::Ports {
+                src: narrow(t.src_port, "src_port")?,
+                dst: narrow(t.dst_port, "dst_port")?,
+            }
+        } else if proto::is_icmp(p) {
+            unused("src_port", t.src_port, PORTS)?;
+            unused("dst_port", t.dst_port, PORTS)?;
+            L4::Icmp {
+                id: narrow(t.icmp_id, "icmp_id")?,
+                kind: narrow(t.icmp_type, "icmp_type")?,
+                code: narrow(t.icmp_code, "icmp_code")?,
+            }
+        } else {
+            unused("src_port", t.src_port, PORTS)?;
+            unused("dst_port", t.dst_port, PORTS)?;
+            unused("icmp_id", t.icmp_id, ICMP)?;
+            unused("icmp_type", t.icmp_type, ICMP)?;
+            unused("icmp_code", t.icmp_code, ICMP)?;
+            L4::None
+        };
+        Ok(Tuple {
+            src,
+            dst,
+            proto: p,
+            l4,
+        })
+    }
+}
+
+// ---- Keys ----
+
+impl From<&FlowKey> for pb::FlowKey {
+    fn from(k: &FlowKey) -> Self {
+        pb::FlowKey {
+            zone: k.zone.id.into(),
+            zone_dir: match k.zone.dir {
+                ZoneDir::Both => pb::ZoneDir::Both,
+                ZoneDir::Original => pb::ZoneDir::Original,
+                ZoneDir::Reply => pb::ZoneDir::Reply,
+            } as i32,
+            orig: Some((&k.orig).into()),
+        }
+    }
+}
+
+impl TryFrom<pb::FlowKey> for FlowKey {
+    type Error = WireError;
+
+    fn try_from(k: pb::FlowKey) -> Result<Self, WireError> {
+        let dir = match pb::ZoneDir::try_from(k.zone_dir) {
+            Ok(pb::ZoneDir::Both) => ZoneDir::Both,
+            Ok(pb::ZoneDir::Original) => ZoneDir::Original,
+            Ok(pb::ZoneDir::Reply) => ZoneDir::Reply,
+            Err(_) => {
+                return Err(WireError::UnknownEnum {
+                    field: "zone_dir".into(),
+                    value: k.zone_dir,
+                })
+            }
+        };
+        Ok(FlowKey {
+            zone: Zone {
+                id: narrow(k.zone, "zone")?,
+                dir,
+            },
+            orig: require(k.orig, "orig")?.try_into().within("orig")?,
+        })
+    }
+}
+
+// ---- Flows ----
+
+fn encode_seq_adj_dir(d: &SeqAdjDir) -> pb::SeqAdjDir {
+    pb::SeqAdjDir {
+        correction_pos: d.correction_pos,
+        offset_before: d.offset_before,
+        offset_after: d.offset_after,
+    }
+}
+
+fn decode_seq_adj_dir(d: pb::SeqAdjDir) -> SeqAdjDir {
+    SeqAdjDir {
+        correction_pos: d.correction_pos,
+        offset_before: d.offset_before,
+        offset_after: d.offset_after,
+    }
+}
+
+impl From<&Flow> for pb::Flow {
+    fn from(f: &Flow) -> Self {
+        use pb::flow::Protoinfo;
+        pb::Flow {
+            key: Some((&f.key).into()),
+            reply: Some((&f.reply).into()),
+            status: f.status,
+            timeout: f.timeout,
+            mark: f.mark,
+            labels: if f.labels == 0 {
+                Vec::new()
+            } else {
+                f.labels.to_be_bytes().to_vec()
+            },
+            protoinfo: match f.protoinfo {
+                ProtoInfo::None => None,
+                ProtoInfo::Tcp(t) => Some(Protoinfo::Tcp(pb::TcpInfo {
+                    state: t.state.into(),
+                    wscale_orig: t.wscale_orig.into(),
+                    wscale_reply: t.wscale_reply.into(),
+                    flags_orig: t.flags_orig.into(),
+                    flags_reply: t.flags_reply.into(),
+                })),
+                ProtoInfo::Sctp {
+                    state,
+                    vtag_orig,
+                    vtag_reply,
+                } => Some(Protoinfo::Sctp(pb::SctpInfo {
+                    state: state.into(),
+                    vtag_orig,
+                    vtag_reply,
+                })),
+                ProtoInfo::Dccp {
+                    state,
+                    role,
+                    handshake_seq,
+                } => Some(Protoinfo::Dccp(pb::DccpInfo {
+                    state: state.into(),
+                    role: role.into(),
+                    handshake_seq,
+                })),
+            },
+            helper: f.helper.as_deref().map(str::to_string),
+            master: f.master.as_deref().map(Into::into),
+            seq_adj: f.seq_adj.as_deref().map(|s| pb::SeqAdj {
+                orig: Some(encode_seq_adj_dir(&s.orig)),
+                reply: Some(encode_seq_adj_dir(&s.reply)),
+            }),
+            synproxy: f.synproxy.as_deref().map(|s| pb::Synproxy {
+                isn: s.isn,
+                its: s.its,
+                tsoff: s.tsoff,
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::Flow> for Flow {
+    type Error = WireError;
+
+    fn try_from(f: pb::Flow) -> Result<Self, WireError> {
+        use pb::flow::Protoinfo;
+        let key = require(f.key, "key")?.try_into().within("key")?;
+        let reply = require(f.reply, "reply")?.try_into().within("reply")?;
+        let labels = if f.labels.is_empty() {
+            0
+        } else {
+            let bytes =
+                <[u8; 16]>::try_from(f.labels.as_slice()).map_err(|_| WireError::LabelsLength {
+                    field: "labels".into(),
+                    len: f.labels.len(),
+                })?;
+            u128::from_be_bytes(bytes)
+        };
+        let protoinfo = match f.protoinfo {
+            None => ProtoInfo::None,
+            Some(Protoinfo::Tcp(t)) => ProtoInfo::Tcp(TcpInfo {
+                state: narrow(t.state, "state").within("tcp")?,
+                wscale_orig: narrow(t.wscale_orig, "wscale_orig").within("tcp")?,
+                wscale_reply: narrow(t.wscale_reply, "wscale_reply").within("tcp")?,
+                flags_orig: narrow(t.flags_orig, "flags_orig").within("tcp")?,
+                flags_reply: narrow(t.flags_reply, "flags_reply").within("tcp")?,
+            }),
+            Some(Protoinfo::Sctp(s)) => ProtoInfo::Sctp {
+                state: narrow(s.state, "state").within("sctp")?,
+                vtag_orig: s.vtag_orig,
+                vtag_reply: s.vtag_reply,
+            },
+            Some(Protoinfo::Dccp(d)) => ProtoInfo::Dccp {
+                state: narrow(d.state, "state").within("dccp")?,
+                role: narrow(d.role, "role").within("dccp")?,
+                handshake_seq: d.handshake_seq,
+            },
+        };
+        let master = match f.master {
+            None => None,
+            Some(t) => Some(Box::new(Tuple::try_from(t).within("master")?)),
+        };
+        let seq_adj = match f.seq_adj {
+            None => None,
+            Some(s) => Some(Box::new(SeqAdj {
+                orig: decode_seq_adj_dir(require(s.orig, "orig").within("seq_adj")?),
+                reply: decode_seq_adj_dir(require(s.reply, "reply").within("seq_adj")?),
+            })),
+        };
+        Ok(Flow {
+            key,
+            reply,
+            status: f.status,
+            timeout: f.timeout,
+            mark: f.mark,
+            labels,
+            protoinfo,
+            helper: f.helper.map(String::into_boxed_str),
+            master,
+            seq_adj,
+            synproxy: f.synproxy.map(|s| {
+                Box::new(Synproxy {
+                    isn: s.isn,
+                    its: s.its,
+                    tsoff: s.tsoff,
+                })
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::{VERSION_MAJOR, VERSION_MINOR};
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    // ---- Strategies ----
+
+    fn arb_proto() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            Just(proto::TCP),
+            Just(proto::UDP),
+            Just(proto::ICMP),
+            Just(proto::ICMPV6),
+            Just(proto::SCTP),
+            Just(proto::DCCP),
+            Just(proto::GRE),
+            Just(proto::UDPLITE),
+            any::<u8>(),
+        ]
+    }
+
+    fn arb_tuple() -> impl Strategy<Value = Tuple> {
+        let addrs = prop_oneof![
+            (any::<[u8; 4]>(), any::<[u8; 4]>()).prop_map(|(s, d)| (
+                IpAddr::from(Ipv4Addr::from(s)),
+                IpAddr::from(Ipv4Addr::from(d))
+            )),
+            (any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(|(s, d)| (
+                IpAddr::from(Ipv6Addr::from(s)),
+                IpAddr::from(Ipv6Addr::from(d))
+            )),
+        ];
+        (
+            addrs,
+            arb_proto(),
+            any::<(u16, u16)>(),
+            any::<(u16, u8, u8)>(),
+        )
+            .prop_map(|((src, dst), p, (sp, dp), (id, kind, code))| {
+                let l4 = if proto::has_ports(p) {
+                    L4::Ports { src: sp, dst: dp }
+                } else if proto::is_icmp(p) {
+                    L4::Icmp { id, kind, code }
+                } else {
+                    L4::None
+                };
+                Tuple {
+                    src,
+                    dst,
+                    proto: p,
+                    l4,
+                }
+            })
+    }
+
+    fn arb_key() -> impl Strategy<Value = FlowKey> {
+        (
+            any::<u16>(),
+            prop_oneof![
+                Just(ZoneDir::Both),
+                Just(ZoneDir::Original),
+                Just(ZoneDir::Reply)
+            ],
+            arb_tuple(),
+        )
+            .prop_map(|(id, dir, orig)| FlowKey {
+                zone: Zone { id, dir },
+                orig,
+            })
+    }
+
+    fn arb_protoinfo() -> impl Strategy<Value = ProtoInfo> {
+        prop_oneof![
+            Just(ProtoInfo::None),
+            any::<[u8; 5]>().prop_map(|b| ProtoInfo::Tcp(TcpInfo {
+                state: b[0],
+                wscale_orig: b[1],
+                wscale_reply: b[2],
+                flags_orig: b[3],
+                flags_reply: b[4],
+            })),
+            any::<(u8, u32, u32)>().prop_map(|(state, vtag_orig, vtag_reply)| ProtoInfo::Sctp {
+                state,
+                vtag_orig,
+                vtag_reply
+            }),
+            any::<(u8, u8, u64)>().prop_map(|(state, role, handshake_seq)| ProtoInfo::Dccp {
+                state,
+                role,
+                handshake_seq
+            }),
+        ]
+    }
+
+    fn arb_seq_adj_dir() -> impl Strategy<Value = SeqAdjDir> {
+        any::<(u32, u32, u32)>().prop_map(|(correction_pos, offset_before, offset_after)| {
+            SeqAdjDir {
+                correction_pos,
+                offset_before,
+                offset_after,
+            }
+        })
+    }
+
+    fn arb_labels() -> impl Strategy<Value = u128> {
+        prop_oneof![Just(0u128), Just(1u128), Just(1u128 << 127), any::<u128>()]
+    }
+
+    pub(crate) fn arb_flow() -> impl Strategy<Value = Flow> {
+        let base = (
+            arb_key(),
+            arb_tuple(),
+            any::<(u32, u32, u32)>(),
+            arb_labels(),
+            arb_protoinfo(),
+        );
+        let extras = (
+            proptest::option::of("[a-z0-9-]{0,15}"),
+            proptest::option::of(arb_tuple()),
+            proptest::option::of((arb_seq_adj_dir(), arb_seq_adj_dir())),
+            proptest::option::of(any::<(u32, u32, u32)>()),
+        );
+        (base, extras).prop_map(
+            |(
+                (key, reply, (status, timeout, mark), labels, protoinfo),
+                (helper, master, seq_adj, synproxy),
+            )| Flow {
+                key,
+                reply,
+                status,
+                timeout,
+                mark,
+                labels,
+                protoinfo,
+                helper: helper.map(String::into_boxed_str),
+                master: master.map(Box::new),
+                seq_adj: seq_adj.map(|(orig, reply)| Box::new(SeqAdj { orig, reply })),
+                synproxy: synproxy.map(|(isn, its, tsoff)| Box::new(Synproxy { isn, its, tsoff })),
+            },
+        )
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                any::<(u32, u32)>(),
+                ".{0,20}",
+                "[a-z0-9.-]{0,20}",
+                any::<(u64, u64, u64)>()
+            )
+                .prop_map(
+                    |((version_major, version_minor), cluster, node_id, (epoch, he, hs))| {
+                        Message::Hello(Hello {
+                            version_major,
+                            version_minor,
+                            cluster,
+                            node_id,
+                            epoch,
+                            have_epoch: he,
+                            have_seq: hs,
+                        })
+                    }
+                ),
+            (
+                any::<(u64, u64)>(),
+                proptest::collection::vec((any::<u64>(), arb_flow()), 0..8),
+                proptest::collection::vec((any::<u64>(), arb_key()), 0..8),
+            )
+                .prop_map(|((epoch, seq), upserts, deletes)| Message::Batch(Batch {
+                    epoch,
+                    seq,
+                    upserts,
+                    deletes
+                })),
+            any::<(u64, u64)>().prop_map(|(epoch, seq)| Message::Ack { epoch, seq }),
+            ".{0,40}".prop_map(|reason| Message::ResyncRequest { reason }),
+            any::<(u64, u64, u64)>().prop_map(|(epoch, seq, id)| Message::SnapshotBegin {
+                epoch,
+                seq,
+                id
+            }),
+            any::<(u64, u64, u64, u64)>().prop_map(|(epoch, seq, id, flows)| {
+                Message::SnapshotEnd {
+                    epoch,
+                    seq,
+                    id,
+                    flows,
+                }
+            }),
+            any::<(u64, u64)>().prop_map(|(epoch, sent_unix_ms)| Message::Heartbeat {
+                epoch,
+                sent_unix_ms
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn message_round_trips_through_bytes(msg in arb_message()) {
+            let bytes = encode(&msg).encode_to_vec();
+            let back = decode(pb::PeerMessage::decode(bytes.as_slice()).unwrap()).unwrap();
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn flow_round_trips(flow in arb_flow()) {
+            let back = Flow::try_from(pb::Flow::from(&flow)).unwrap();
+            prop_assert_eq!(back, flow);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(m) = pb::PeerMessage::decode(bytes.as_slice()) {
+                let _ = decode(m);
+            }
+        }
+
+        #[test]
+        fn mutated_flows_never_panic(flow in arb_flow(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut bytes = pb::Flow::from(&flow).encode_to_vec();
+            let i = pos.index(bytes.len());
+            bytes[i] = byte;
+            if let Ok(f) = pb::Flow::decode(bytes.as_slice()) {
+                let _ = Flow::try_from(f);
+            }
+        }
+    }
+
+    // ---- Rejections ----
+
+    fn tcp_flow() -> Flow {
+        let orig = Tuple {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: proto::TCP,
+            l4: L4::Ports { src: 1000, dst: 80 },
+        };
+        Flow::new(Zone::default(), orig, orig.inverse())
+    }
+
+    fn batch_of(flow: pb::Flow) -> pb::PeerMessage {
+        pb::PeerMessage {
+            body: Some(Body::Batch(pb::Batch {
+                epoch: 1,
+                seq: 1,
+                upserts: vec![pb::FlowUpdate {
+                    version: 1,
+                    flow: Some(flow),
+                }],
+                deletes: vec![],
+            })),
+        }
+    }
+
+    /// Decodes a batch holding `tcp_flow()` changed by `f`, expecting an error.
+    fn reject(f: impl FnOnce(&mut pb::Flow)) -> WireError {
+        let mut pf = pb::Flow::from(&tcp_flow());
+        f(&mut pf);
+        decode(batch_of(pf)).unwrap_err()
+    }
+
+    fn orig(pf: &mut pb::Flow) -> &mut pb::Tuple {
+        pf.key.as_mut().unwrap().orig.as_mut().unwrap()
+    }
+
+    #[test]
+    fn unchanged_flow_is_accepted() {
+        let m = Message::Batch(Batch {
+            epoch: 1,
+            seq: 1,
+            upserts: vec![(1, tcp_flow())],
+            deletes: vec![],
+        });
+        assert_eq!(decode(batch_of(pb::Flow::from(&tcp_flow()))).unwrap(), m);
+    }
+
+    #[test]
+    fn rejects_empty_message() {
+        let e = decode(pb::PeerMessage::default()).unwrap_err();
+        assert_eq!(e, WireError::EmptyMessage);
+        assert!(e.to_string().contains("without a body"));
+    }
+
+    #[test]
+    fn rejects_unknown_message_type_as_empty() {
+        // Field 15 (a type from a later version) is skipped by prost, leaving no body.
+        let bytes = [0x7a, 0x00];
+        let m = pb::PeerMessage::decode(&bytes[..]).unwrap();
+        assert_eq!(decode(m).unwrap_err(), WireError::EmptyMessage);
+    }
+
+    #[test]
+    fn rejects_bad_address_length() {
+        let e = reject(|f| orig(f).src = vec![10, 0, 0]);
+        assert_eq!(
+            e,
+            WireError::AddressLength {
+                field: "batch.upserts[0].flow.key.orig.src".into(),
+                len: 3
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "batch.upserts[0].flow.key.orig.src: address of 3 bytes, expected 4 (IPv4) or 16 (IPv6)"
+        );
+        let e = reject(|f| f.reply.as_mut().unwrap().dst = vec![]);
+        assert_eq!(e.field(), "batch.upserts[0].flow.reply.dst");
+    }
+
+    #[test]
+    fn rejects_mixed_families() {
+        let e = reject(|f| orig(f).dst = vec![0; 16]);
+        assert_eq!(
+            e,
+            WireError::MixedFamily {
+                field: "batch.upserts[0].flow.key.orig".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_out_of_range_numbers() {
+        let e = reject(|f| orig(f).src_port = 65536);
+        assert_eq!(
+            e,
+            WireError::OutOfRange {
+                field: "batch.upserts[0].flow.key.orig.src_port".into(),
+                value: 65536,
+                bits: 16
+            }
+        );
+        assert_eq!(
+            reject(|f| orig(f).proto = 256).field(),
+            "batch.upserts[0].flow.key.orig.proto"
+        );
+        assert_eq!(
+            reject(|f| f.key.as_mut().unwrap().zone = 70000).field(),
+            "batch.upserts[0].flow.key.zone"
+        );
+        let e = reject(|f| {
+            f.protoinfo = Some(pb::flow::Protoinfo::Tcp(pb::TcpInfo {
+                state: 256,
+                ..Default::default()
+            }))
+        });
+        assert_eq!(e.field(), "batch.upserts[0].flow.tcp.state");
+        for (field, info) in [
+            (
+                "tcp.wscale_orig",
+                pb::flow::Protoinfo::Tcp(pb::TcpInfo {
+                    wscale_orig: 300,
+                    ..Default::default()
+                }),
+            ),
+            (
+                "tcp.flags_reply",
+                pb::flow::Protoinfo::Tcp(pb::TcpInfo {
+                    flags_reply: 300,
+                    ..Default::default()
+                }),
+            ),
+            (
+                "sctp.state",
+                pb::flow::Protoinfo::Sctp(pb::SctpInfo {
+                    state: 300,
+                    ..Default::default()
+                }),
+            ),
+            (
+                "dccp.role",
+                pb::flow::Protoinfo::Dccp(pb::DccpInfo {
+                    role: 300,
+                    ..Default::default()
+                }),
+            ),
+        ] {
+            let e = reject(|f| f.protoinfo = Some(info));
+            assert_eq!(e.field(), format!("batch.upserts[0].flow.{field}"));
+        }
+    }
+
+    #[test]
+    fn rejects_out_of_range_icmp_fields() {
+        let icmp = |f: &mut pb::Flow, t: pb::Tuple| {
+            *orig(f) = pb::Tuple {
+                proto: proto::ICMP.into(),
+                ..t
+            }
+        };
+        let base = pb::Tuple {
+            src: vec![10, 0, 0, 1],
+            dst: vec![10, 0, 0, 2],
+            ..Default::default()
+        };
+        let e = reject(|f| {
+            icmp(
+                f,
+                pb::Tuple {
+                    icmp_type: 256,
+                    ..base.clone()
+                },
+            )
+        });
+        assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.icmp_type");
+        let e = reject(|f| {
+            icmp(
+                f,
+                pb::Tuple {
+                    icmp_id: 1 << 16,
+                    ..base.clone()
+                },
+            )
+        });
+        assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.icmp_id");
+        let e = reject(|f| {
+            icmp(
+                f,
+                pb::Tuple {
+                    icmp_code: 999,
+                    ..base.clone()
+                },
+            )
+        });
+        assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.icmp_code");
+    }
+
+    #[test]
+    fn rejects_layer4_fields_a_protocol_does_not_use() {
+        // ICMP fields on TCP.
+        let e = reject(|f| orig(f).icmp_type = 8);
+        assert_eq!(
+            e,
+            WireError::UnusedL4 {
+                field: "batch.upserts[0].flow.key.orig.icmp_type".into(),
+                proto: proto::TCP,
+                what: "ICMP id, type and code"
+            }
+        );
+        // Ports on ICMP.
+        let e = reject(|f| {
+            let t = orig(f);
+            t.proto = proto::ICMP.into();
+            t.src_port = 0;
+            t.dst_port = 7;
+        });
+        assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.dst_port");
+        // Anything on a protocol without layer-4 identifiers (here OSPF, 89).
+        let e = reject(|f| orig(f).proto = 89);
+        assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.src_port");
+        assert_eq!(
+            e.to_string(),
+            "batch.upserts[0].flow.key.orig.src_port: must be 0 for IP protocol 89, which has no ports"
+        );
+        let e = reject(|f| {
+            let t = orig(f);
+            t.proto = 89;
+            t.src_port = 0;
+            t.dst_port = 0;
+            t.icmp_code = 1;
+        });
+        assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.icmp_code");
+    }
+
+    #[test]
+    fn protocol_without_layer4_decodes_as_none() {
+        let mut pf = pb::Flow::from(&tcp_flow());
+        let key_orig = pf.key.as_mut().unwrap().orig.as_mut().unwrap();
+        for t in [key_orig, pf.reply.as_mut().unwrap()] {
+            t.proto = 89;
+            t.src_port = 0;
+            t.dst_port = 0;
+        }
+        let f = Flow::try_from(pf).unwrap();
+        assert_eq!(f.key.orig.l4, L4::None);
+        assert_eq!(f.key.orig.proto, 89);
+    }
+
+    #[test]
+    fn rejects_bad_labels() {
+        for len in [1, 15, 17, 32] {
+            let e = reject(|f| f.labels = vec![0; len]);
+            assert_eq!(
+                e,
+                WireError::LabelsLength {
+                    field: "batch.upserts[0].flow.labels".into(),
+                    len
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn labels_are_big_endian_bit_n_is_label_n() {
+        let mut flow = tcp_flow();
+        flow.labels = 1; // label 0
+        assert_eq!(pb::Flow::from(&flow).labels, {
+            let mut v = vec![0; 16];
+            v[15] = 1;
+            v
+        });
+        flow.labels = 1 << 127; // label 127
+        assert_eq!(pb::Flow::from(&flow).labels[0], 0x80);
+        flow.labels = 0;
+        assert!(pb::Flow::from(&flow).labels.is_empty());
+        // 16 zero bytes from another encoder mean no label as well.
+        let mut pf = pb::Flow::from(&flow);
+        pf.labels = vec![0; 16];
+        assert_eq!(Flow::try_from(pf).unwrap().labels, 0);
+    }
+
+    #[test]
+    fn rejects_missing_submessages() {
+        type Change = fn(&mut pb::Flow);
+        let cases: [(&str, Change); 6] = [
+            ("key", |f| f.key = None),
+            ("reply", |f| f.reply = None),
+            ("key.orig", |f| f.key.as_mut().unwrap().orig = None),
+            ("seq_adj.orig", |f| {
+                f.seq_adj = Some(pb::SeqAdj {
+                    orig: None,
+                    reply: Some(pb::SeqAdjDir::default()),
+                })
+            }),
+            ("seq_adj.reply", |f| {
+                f.seq_adj = Some(pb::SeqAdj {
+                    orig: Some(pb::SeqAdjDir::default()),
+                    reply: None,
+                })
+            }),
+            ("master.src", |f| f.master = Some(pb::Tuple::default())),
+        ];
+        for (field, change) in cases {
+            let e = reject(change);
+            assert_eq!(e.field(), format!("batch.upserts[0].flow.{field}"), "{e}");
+        }
+    }
+
+    #[test]
+    fn rejects_missing_flow_and_key_in_batch() {
+        let m = pb::PeerMessage {
+            body: Some(Body::Batch(pb::Batch {
+                upserts: vec![
+                    pb::FlowUpdate {
+                        version: 1,
+                        flow: Some(pb::Flow::from(&tcp_flow())),
+                    },
+                    pb::FlowUpdate {
+                        version: 2,
+                        flow: None,
+                    },
+                ],
+                ..Default::default()
+            })),
+        };
+        assert_eq!(
+            decode(m).unwrap_err(),
+            WireError::Missing {
+                field: "batch.upserts[1].flow".into()
+            }
+        );
+        let m = pb::PeerMessage {
+            body: Some(Body::Batch(pb::Batch {
+                deletes: vec![pb::FlowDelete {
+                    version: 1,
+                    key: None,
+                }],
+                ..Default::default()
+            })),
+        };
+        let e = decode(m).unwrap_err();
+        assert_eq!(e.field(), "batch.deletes[0].key");
+        assert_eq!(e.to_string(), "batch.deletes[0].key: required but missing");
+    }
+
+    #[test]
+    fn rejects_unknown_zone_direction() {
+        let e = reject(|f| f.key.as_mut().unwrap().zone_dir = 3);
+        assert_eq!(
+            e,
+            WireError::UnknownEnum {
+                field: "batch.upserts[0].flow.key.zone_dir".into(),
+                value: 3
+            }
+        );
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        let m = Message::Hello(Hello {
+            version_major: VERSION_MAJOR,
+            version_minor: VERSION_MINOR,
+            cluster: "c".into(),
+            node_id: "fw1".into(),
+            epoch: 7,
+            have_epoch: 3,
+            have_seq: 9,
+        });
+        assert_eq!(decode(encode(&m)).unwrap(), m);
+    }
+}
