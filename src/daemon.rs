@@ -114,6 +114,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         failover,
         waiting: Vec::new(),
         rebuild_pending: false,
+        notifier: crate::notify::Notifier::from_env(),
+        notified_ready: false,
     };
     let result = state
         .run(event_rx, dump_rx, call_rx, jobs_rx, shutdown)
@@ -193,6 +195,8 @@ struct State<'a> {
     waiting: Vec<tokio::sync::oneshot::Sender<Reply>>,
     /// A promotion committed: once the next dump is in, announce every flow to peers.
     rebuild_pending: bool,
+    notifier: crate::notify::Notifier,
+    notified_ready: bool,
 }
 
 /// How often replication timers run (heartbeats, retransmissions, dead peers).
@@ -231,6 +235,11 @@ impl State<'_> {
             .sync
             .as_ref()
             .map_or(Duration::from_secs(3600), |s| s.timeout_refresh);
+        let pet_every = self
+            .notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut watchdog = tokio::time::interval(pet_every);
         let mut refresh =
             tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
         let result = loop {
@@ -269,10 +278,16 @@ impl State<'_> {
                     let action = self.mirror.refresh();
                     self.act(action);
                 }
+                _ = watchdog.tick() => self.notifier.send("WATCHDOG=1"),
                 Some((req, reply)) = calls.recv() => self.call(req, reply),
                 Some(done) = jobs.recv() => self.job_done(done),
                 () = purge_timer(self.failover.purge_at()) => {}
                 else => break Err(DaemonError::EventsStopped("channels closed".into())),
+            }
+            if !self.notified_ready && self.mirror.is_synced() {
+                // systemd's "started": the kernel table is mirrored and the control socket serves.
+                self.notified_ready = true;
+                self.notifier.send("READY=1\nSTATUS=kernel table mirrored");
             }
             if let Some(r) = &mut self.repl {
                 if self.failover.purge_at().is_some() {
@@ -286,6 +301,7 @@ impl State<'_> {
                 }
             }
         };
+        self.notifier.send("STOPPING=1");
         if let Some(r) = self.repl.take() {
             r.shutdown().await;
         }

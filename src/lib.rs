@@ -23,6 +23,7 @@ pub mod failover;
 pub mod flow;
 pub mod netlink;
 pub mod netns;
+pub mod notify;
 pub mod pki;
 pub mod replication;
 pub mod sync;
