@@ -27,6 +27,9 @@ pub struct Replication {
     transport: Transport,
     clock: Instant,
     cfg: SyncConfig,
+    /// The live connection of each peer: events of older connections still in the channel
+    /// after a reconnect must not be taken for the new one's.
+    conns: std::collections::HashMap<String, u64>,
 }
 
 impl Replication {
@@ -79,6 +82,7 @@ impl Replication {
             transport,
             clock,
             cfg: sync.clone(),
+            conns: std::collections::HashMap::new(),
         };
         Ok((repl, rx))
     }
@@ -145,13 +149,17 @@ impl Replication {
     pub fn transport_event(&mut self, ev: TransportEvent) {
         let now = self.now();
         match ev {
-            TransportEvent::Connected { peer, .. } => {
+            TransportEvent::Connected { peer, conn } => {
+                self.conns.insert(peer.clone(), conn);
                 if let Err(e) = self.engine.connected(&peer, now) {
                     tracing::warn!(%peer, error = %e, "refusing peer");
                     self.transport.disconnect(&peer);
                 } else {
                     tracing::info!(%peer, "peer connected");
                 }
+            }
+            TransportEvent::Message { peer, conn, .. } if self.conns.get(&peer) != Some(&conn) => {
+                tracing::debug!(%peer, conn, "message of a replaced connection dropped");
             }
             TransportEvent::Message { peer, msg, .. } => {
                 if let Err(e) = self.engine.handle(&peer, msg, now) {
@@ -160,7 +168,13 @@ impl Replication {
                     self.transport.disconnect(&peer);
                 }
             }
+            TransportEvent::Disconnected { peer, conn, .. }
+                if self.conns.get(&peer) != Some(&conn) =>
+            {
+                tracing::debug!(%peer, conn, "end of a replaced connection");
+            }
             TransportEvent::Disconnected { peer, reason, .. } => {
+                self.conns.remove(&peer);
                 tracing::info!(%peer, %reason, "peer disconnected");
                 self.engine.disconnected(&peer, now);
             }
