@@ -103,7 +103,7 @@ impl FlowTable {
 
     /// Bytes of heap the table uses (slots times flow size, plus boxed attributes).
     pub fn heap_bytes(&self) -> usize {
-        let slots = self.table.capacity() * (std::mem::size_of::<Flow>() + 1);
+        let slots = self.table.allocation_size();
         let boxed: usize = self
             .table
             .iter()

@@ -1,1 +1,2625 @@
-fn main(){}
+//! `ctsync-bench`: how fast ctsync's kernel bridge is, measured against the kernel itself.
+//!
+//! Figures, each as median/min/max over `--runs` repetitions:
+//! - userspace codec alone (no kernel): encode and decode rates and heap allocations per
+//!   message, the ceiling of everything else;
+//! - injection into an empty table: ctsync's `Writer` (1 and 2 sockets; realistic flows, and the
+//!   very same minimal messages as the reference) against a raw batched netlink writer written
+//!   here, which is "the kernel's own speed";
+//! - dump: `ctsync::netlink::dump` (decoding included), a raw dump that only counts messages,
+//!   and a dump handed to `Mirror::dump_complete` (initial synchronisation);
+//! - memory per mirrored flow (RSS growth measured in a fresh child process);
+//! - event intake: a reader thread feeding a `Mirror` while two raw writers create (then delete)
+//!   the flows as fast as the kernel allows; then the same with the reader paused until the
+//!   writers are done (the kernel's rate without a competing reader, the buffer each queued
+//!   event takes, the reader's own speed), against raw readers that only count.
+//!
+//! Every measurement runs in network namespaces of its own (`ctsb-<pid>-<n>`), removed again on
+//! every path: drop guards, and a signal thread for SIGINT/SIGTERM/SIGHUP. Figures go to stdout
+//! (a table, or JSON with `--json`); progress goes to stderr.
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, ValueEnum};
+use ctsync::cache::{FlowTable, Mirror};
+use ctsync::flow::{proto, status, Flow, FlowKey, ProtoInfo, TcpInfo, Tuple, Zone, ZoneDir, L4};
+use ctsync::netlink::attr::{self, cta};
+use ctsync::netlink::{
+    codec, dump, CtEventKind, CtSocket, EventSource, KernelEvent, Origins, WriteOp, Writer,
+};
+use ctsync::netns;
+use serde::{Deserialize, Serialize};
+use std::hint::black_box;
+use std::io::{self, Read};
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Bytes of requests per datagram, for the raw writer (the same bound as ctsync's `Writer`).
+const BATCH_BYTES: usize = 128 * 1024;
+/// Timeout of every flow written: long enough that nothing expires during a run.
+const FLOW_TIMEOUT: u32 = 3600;
+/// `NETLINK_NETFILTER`.
+const NETLINK_NETFILTER: i32 = 12;
+/// `NLA_F_NESTED`.
+const NLA_F_NESTED: u16 = 0x8000;
+/// Receive buffer for dumps and events: larger than any datagram the kernel sends.
+const RECV_BUF: usize = 256 * 1024;
+/// Pause after setting up a namespace, so that the previous one's teardown is over.
+const SETTLE: Duration = Duration::from_millis(250);
+/// How long the event reader waits for stragglers once the writers are done.
+const EVENT_IDLE: Duration = Duration::from_secs(2);
+
+/// The system allocator, counting allocations of the current thread while [`COUNT_ALLOCS`] is
+/// set (a shared read-only flag and a thread-local counter: no cost to the timed sections).
+struct CountingAlloc;
+
+static COUNT_ALLOCS: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNT_ALLOCS.load(Ordering::Relaxed) {
+            ALLOCS.with(|c| c.set(c.get() + 1));
+        }
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        if COUNT_ALLOCS.load(Ordering::Relaxed) {
+            ALLOCS.with(|c| c.set(c.get() + 1));
+        }
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Heap allocations (and reallocations) the current thread makes while running `f`.
+fn count_allocs<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = ALLOCS.with(|c| c.get());
+    COUNT_ALLOCS.store(true, Ordering::Relaxed);
+    let r = f();
+    COUNT_ALLOCS.store(false, Ordering::Relaxed);
+    (r, ALLOCS.with(|c| c.get()) - before)
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ctsync-bench",
+    about = "Kernel-bridge benchmark: ctsync's writer, dump and event intake against the kernel's own speed",
+    long_about = None
+)]
+struct Args {
+    /// Flows per measurement (must stay below nf_conntrack_max).
+    #[arg(long, default_value_t = 250_000)]
+    flows: usize,
+    /// Repetitions of every measurement; median, min and max are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Receive buffer(s) of the event socket to try (bytes, K/M/G suffixes, comma-separated).
+    #[arg(long = "event-buffer", value_delimiter = ',', value_parser = parse_size, default_value = "64M")]
+    event_buffer: Vec<usize>,
+    /// Receive buffer of the event socket when the reader is paused while the writers run
+    /// (must hold all N events).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    drain_buffer: usize,
+    /// Run only these sections (comma-separated); default: all.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Section>,
+    /// Internal: measure memory of a dump of this namespace and print it as JSON.
+    #[arg(long, hide = true)]
+    memory_probe: Option<String>,
+    /// Internal: what the memory probe fills.
+    #[arg(long, hide = true, value_enum, default_value = "table")]
+    probe_mode: ProbeMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Codec,
+    Inject,
+    Dump,
+    Memory,
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProbeMode {
+    Table,
+    Mirror,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = &lower[digits.len()..];
+    let mult: usize = match suffix {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown size suffix in {s:?}")),
+    };
+    let n: usize = digits
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad size {s:?}: {e}"))?;
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(ns) = &args.memory_probe {
+        // The parent blocks termination signals for its signal thread; a child inherits the
+        // mask, and must die of them.
+        unblock_termination_signals();
+        return match memory_probe(ns, args.probe_mode) {
+            Ok(p) => {
+                println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ctsync-bench memory probe: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ctsync-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces
+// ---------------------------------------------------------------------------------------------
+
+/// Namespaces this process created and has not removed yet (for the signal thread).
+static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static NS_SEQ: AtomicUsize = AtomicUsize::new(0);
+/// The memory probe child while it runs and is not reaped (0 otherwise), for the signal thread
+/// to stop. A lock, not an atomic: the pid must not be reaped (and reusable) while it is killed.
+static PROBE_PID: Mutex<i32> = Mutex::new(0);
+
+fn probe_pid() -> MutexGuard<'static, i32> {
+    PROBE_PID.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn registry() -> MutexGuard<'static, Vec<String>> {
+    NAMESPACES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ip(8)")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// A network namespace of ours: emptied and removed when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create() -> Result<Netns> {
+        let name = format!(
+            "ctsb-{}-{}",
+            std::process::id(),
+            NS_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        // Held across the creation so that the signal thread never misses a namespace.
+        let mut reg = registry();
+        ip(&["netns", "add", &name])?;
+        reg.push(name.clone());
+        drop(reg);
+        std::thread::sleep(SETTLE);
+        Ok(Netns { name })
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets opened there stay bound to it).
+    fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        netns::run_in(&self.name, f).with_context(|| format!("in namespace {}", self.name))
+    }
+
+    fn conntrack_count(&self) -> Result<u64> {
+        self.run(|| read_sysctl("nf_conntrack_count"))?
+            .context("reading nf_conntrack_count")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Emptying the table synchronously keeps its teardown from running in a kernel worker
+        // during the next measurement.
+        match self.run(raw_flush) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: flushing {}: {e}", self.name),
+            Err(e) => eprintln!("warning: flushing {}: {e:#}", self.name),
+        }
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("warning: {e:#}");
+        }
+        registry().retain(|n| *n != self.name);
+    }
+}
+
+/// Removes namespaces left by benchmark processes that no longer exist (killed with SIGKILL).
+fn remove_stale_namespaces() -> bool {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return false;
+    };
+    let mut removed = false;
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ctsb-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("removing stale namespace {name} (benchmark pid {pid} is gone)");
+        if let Err(e) = ip(&["netns", "del", &name]) {
+            eprintln!("warning: {e:#}");
+        }
+        removed = true;
+    }
+    removed
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in every thread and handles them on a dedicated one, which
+/// removes our namespaces and exits.
+fn install_signal_cleanup() -> Result<()> {
+    // SAFETY: the set is a local, initialised by sigemptyset before use; pthread_sigmask only
+    // changes the mask of this thread (inherited by the threads it spawns from now on).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            bail!("pthread_sigmask: {}", io::Error::from_raw_os_error(rc));
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid signal set and `sig` a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                eprintln!("ctsync-bench: signal {sig}: removing namespaces and exiting");
+                let child = probe_pid();
+                if *child > 0 {
+                    // SAFETY: kill(2) on our own child, not reaped while the lock is held.
+                    unsafe {
+                        libc::kill(*child, libc::SIGTERM);
+                    }
+                }
+                let reg = registry();
+                for name in reg.iter() {
+                    if let Err(e) = ip(&["netns", "del", name]) {
+                        eprintln!("warning: {e:#}");
+                    }
+                }
+                std::process::exit(128 + sig);
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+/// The first three fields of `/proc/loadavg`: other load on the machine skews every figure.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn unblock_termination_signals() {
+    // SAFETY: as in `install_signal_cleanup`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Allocated conntrack entries, all namespaces together (`nf_conntrack` slab, active objects).
+fn conntrack_slab_objects() -> u64 {
+    std::fs::read_to_string("/proc/slabinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("nf_conntrack "))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Inodes of the sockets subscribed to conntrack groups in a `/proc/.../net/netlink` table.
+fn ct_listener_inodes(table: &str, into: &mut std::collections::HashSet<String>) {
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[1] != "12" {
+            continue;
+        }
+        let groups = u32::from_str_radix(f[3], 16).unwrap_or(0);
+        let ct_groups = (1 << (attr::GROUP_NEW - 1))
+            | (1 << (attr::GROUP_UPDATE - 1))
+            | (1 << (attr::GROUP_DESTROY - 1));
+        if groups & ct_groups != 0 {
+            into.insert(f[9].to_string());
+        }
+    }
+}
+
+/// Sockets subscribed to conntrack events on the whole machine (read-only): the namespaces of
+/// every thread, and the named namespaces (sockets opened there by threads that left).
+fn ctnetlink_listeners() -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    let tasks = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .flat_map(|p| {
+            std::fs::read_dir(p.path().join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        });
+    for task in tasks {
+        if let Ok(table) = std::fs::read_to_string(task.path().join("net/netlink")) {
+            ct_listener_inodes(&table, &mut inodes);
+        }
+    }
+    for entry in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(Ok(table)) = netns::run_in(&name, || {
+            std::fs::read_to_string("/proc/thread-self/net/netlink")
+        }) {
+            ct_listener_inodes(&table, &mut inodes);
+        }
+    }
+    inodes.len()
+}
+
+fn read_sysctl(name: &str) -> io::Result<u64> {
+    let path = format!("/proc/sys/net/netfilter/{name}");
+    let text = std::fs::read_to_string(&path)?;
+    text.trim()
+        .parse()
+        .map_err(|e| io::Error::other(format!("{path}: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flows
+// ---------------------------------------------------------------------------------------------
+
+const FLOW_MIX: &str = "35% TCPv4 + 15% TCPv6 established (protoinfo), 15% UDPv4, 5% UDPv6, \
+                        5% ICMP echo, 5% ICMPv6 echo, 10% SNAT and 5% DNAT TCPv4 (NAT_DONE bits), \
+                        5% UDPv4 in zones 1-3; 1 flow in 11 marked";
+
+fn v4(net: u8, n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(net, (n >> 16) as u8, (n >> 8) as u8, n as u8))
+}
+
+fn v4s(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn v6(net: u16, n: u32) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        net,
+        0,
+        0,
+        0,
+        (n >> 16) as u16,
+        n as u16,
+    ))
+}
+
+fn ports(proto: u8, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Tuple {
+    Tuple {
+        src,
+        dst,
+        proto,
+        l4: L4::Ports {
+            src: sport,
+            dst: dport,
+        },
+    }
+}
+
+fn echo(proto: u8, src: IpAddr, dst: IpAddr, id: u16) -> Tuple {
+    let kind = if proto == proto::ICMPV6 { 128 } else { 8 };
+    Tuple {
+        src,
+        dst,
+        proto,
+        l4: L4::Icmp { id, kind, code: 0 },
+    }
+}
+
+/// Flow number `i` of the realistic mix (see [`FLOW_MIX`]); every original and reply tuple is
+/// unique for `i < 2^24`.
+fn realistic_flow(i: usize) -> Flow {
+    let n = i as u32;
+    let sport = 1024 + (n % 60_000) as u16;
+    let established = status::CONFIRMED | status::SEEN_REPLY | status::ASSURED;
+    let tcp_est = ProtoInfo::Tcp(TcpInfo {
+        state: 3,
+        wscale_orig: 7,
+        wscale_reply: 7,
+        flags_orig: 0x03,
+        flags_reply: 0x03,
+    });
+    let plain = |orig: Tuple| Flow::new(Zone::default(), orig, orig.inverse());
+    let mut f = match i % 20 {
+        0..=6 => {
+            let dport = [443, 80, 22, 8443][i % 4];
+            let mut f = plain(ports(
+                proto::TCP,
+                v4(10, n),
+                v4s(192, 0, 2, 1 + (n % 250) as u8),
+                sport,
+                dport,
+            ));
+            f.status = established;
+            f.protoinfo = tcp_est;
+            f
+        }
+        7..=9 => {
+            let mut f = plain(ports(proto::TCP, v6(1, n), v6(2, n % 1000), sport, 443));
+            f.status = established;
+            f.protoinfo = tcp_est;
+            f
+        }
+        10..=12 => {
+            let mut f = plain(ports(proto::UDP, v4(10, n), v4s(192, 0, 2, 53), sport, 53));
+            f.status = status::CONFIRMED | status::SEEN_REPLY;
+            f
+        }
+        13 => {
+            let mut f = plain(ports(proto::UDP, v6(1, n), v6(3, 53), sport, 53));
+            f.status = status::CONFIRMED | status::SEEN_REPLY;
+            f
+        }
+        14 => {
+            let mut f = plain(echo(proto::ICMP, v4(10, n), v4s(192, 0, 2, 1), n as u16));
+            f.status = status::CONFIRMED | status::SEEN_REPLY;
+            f
+        }
+        15 => {
+            let mut f = plain(echo(proto::ICMPV6, v6(1, n), v6(2, 1), n as u16));
+            f.status = status::CONFIRMED | status::SEEN_REPLY;
+            f
+        }
+        16 | 17 => {
+            // Masquerade to a pool of 199 addresses, one port per flow.
+            let orig = ports(
+                proto::TCP,
+                v4(10, n),
+                v4s(198, 51, 100, 1 + (n % 250) as u8),
+                sport,
+                443,
+            );
+            let nat_addr = v4s(203, 0, 113, 1 + ((n / 60_000) % 199) as u8);
+            let reply = ports(
+                proto::TCP,
+                orig.dst,
+                nat_addr,
+                443,
+                1024 + (n % 60_000) as u16,
+            );
+            let mut f = Flow::new(Zone::default(), orig, reply);
+            f.status = established | status::SRC_NAT | status::SRC_NAT_DONE | status::DST_NAT_DONE;
+            f.protoinfo = tcp_est;
+            f
+        }
+        18 => {
+            // A published service forwarded to one of four backends.
+            let orig = ports(proto::TCP, v4(100, n), v4s(203, 0, 113, 200), sport, 80);
+            let backend = v4s(172, 16, (n % 4) as u8, 10);
+            let reply = ports(proto::TCP, backend, orig.src, 8080, sport);
+            let mut f = Flow::new(Zone::default(), orig, reply);
+            f.status = established | status::DST_NAT | status::DST_NAT_DONE | status::SRC_NAT_DONE;
+            f.protoinfo = tcp_est;
+            f
+        }
+        _ => {
+            let zone = Zone {
+                id: 1 + ((i / 20) % 3) as u16,
+                dir: ZoneDir::Both,
+            };
+            let orig = ports(proto::UDP, v4(10, n), v4s(192, 0, 2, 123), sport, 123);
+            let mut f = Flow::new(zone, orig, orig.inverse());
+            f.status = status::CONFIRMED | status::SEEN_REPLY;
+            f.mark = 0x100 + (n % 16);
+            f
+        }
+    };
+    f.timeout = FLOW_TIMEOUT;
+    if i % 11 == 0 && f.mark == 0 {
+        f.mark = 0x10;
+    }
+    f
+}
+
+/// The same original tuple as [`realistic_flow`], with only what the raw writer sends: plain
+/// inverse reply, CONFIRMED, timeout. No zone, mark, protoinfo or NAT.
+fn minimal_flow(i: usize) -> Flow {
+    let orig = realistic_flow(i).key.orig;
+    let mut f = Flow::new(Zone::default(), orig, orig.inverse());
+    f.status = status::CONFIRMED;
+    f.timeout = FLOW_TIMEOUT;
+    f
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw netlink: the reference writer and dump, independent of ctsync's codec and sockets
+// ---------------------------------------------------------------------------------------------
+
+/// A plain `NETLINK_NETFILTER` socket.
+struct RawNl {
+    fd: OwnedFd,
+}
+
+fn kernel_addr() -> libc::sockaddr_nl {
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+    let mut a: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    a.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    a
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl RawNl {
+    fn open() -> io::Result<RawNl> {
+        // SAFETY: plain socket(2); the descriptor is owned immediately.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let sock = RawNl {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        };
+        let addr = kernel_addr(); // port id 0: the kernel assigns one
+                                  // SAFETY: `addr` is a valid sockaddr_nl of the size passed.
+        cvt(unsafe {
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        })?;
+        sock.setopt(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
+        sock.set_recv_timeout(Duration::from_secs(10))?;
+        Ok(sock)
+    }
+
+    /// A socket for batched writes: room for a whole datagram, and for its error reports.
+    fn writer() -> io::Result<RawNl> {
+        let s = RawNl::open()?;
+        s.setopt(
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (4 * BATCH_BYTES) as i32,
+        )?;
+        s.setopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20)?;
+        Ok(s)
+    }
+
+    /// A socket subscribed to the conntrack NEW, UPDATE and DESTROY groups.
+    fn listener(buffer: usize) -> io::Result<RawNl> {
+        let s = RawNl::open()?;
+        let half = i32::try_from(buffer / 2).unwrap_or(i32::MAX / 2);
+        s.setopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, half)?;
+        for g in [attr::GROUP_NEW, attr::GROUP_UPDATE, attr::GROUP_DESTROY] {
+            s.setopt(libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, g as i32)?;
+        }
+        Ok(s)
+    }
+
+    fn setopt(&self, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+        // SAFETY: `v` is a live c_int and its size is passed.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+    }
+
+    fn set_recv_timeout(&self, d: Duration) -> io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(d.subsec_micros() as i32),
+        };
+        // SAFETY: `tv` is a live timeval and its size is passed.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<()> {
+        let addr = kernel_addr();
+        loop {
+            // SAFETY: `buf` and `addr` are valid for reads of the sizes passed.
+            let n = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_nl).cast(),
+                    size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n as usize != buf.len() {
+                return Err(io::Error::other(format!(
+                    "short send: {n} of {}",
+                    buf.len()
+                )));
+            }
+            return Ok(());
+        }
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `buf` is valid for writes of its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            return Ok(n as usize);
+        }
+    }
+}
+
+/// Reads a queued backlog until the socket is empty, counting conntrack messages without
+/// decoding them: one `recv` per datagram (`batch` 1), or `recvmmsg` of `batch` datagrams.
+/// Returns the messages and the overruns seen.
+fn raw_drain(sock: &RawNl, batch: usize) -> io::Result<(u64, u64)> {
+    const DGRAM: usize = 16 * 1024;
+    let batch = batch.max(1);
+    let mut bufs = vec![vec![0u8; DGRAM]; batch];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut hdrs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid value.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    let count = |b: &[u8]| {
+        nlmsgs(b)
+            .filter(|m| m.ty == attr::MSG_CT_NEW || m.ty == attr::MSG_CT_DELETE)
+            .count() as u64
+    };
+    let fd = sock.fd.as_raw_fd();
+    let (mut msgs, mut overruns) = (0u64, 0u64);
+    loop {
+        let rc = if batch == 1 {
+            // SAFETY: the buffer is valid for writes of DGRAM bytes.
+            let n =
+                unsafe { libc::recv(fd, bufs[0].as_mut_ptr().cast(), DGRAM, libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                msgs += count(&bufs[0][..n as usize]);
+            }
+            n as isize
+        } else {
+            // SAFETY: every header points to its own live iovec and buffer.
+            let r = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdrs.as_mut_ptr(),
+                    batch as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            for (h, b) in hdrs.iter().zip(&bufs).take(r.max(0) as usize) {
+                msgs += count(&b[..h.msg_len as usize]);
+            }
+            r as isize
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOBUFS) => overruns += 1,
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) => return Ok((msgs, overruns)),
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+/// One netlink message of a received datagram.
+struct Nlmsg<'a> {
+    ty: u16,
+    payload: &'a [u8],
+}
+
+fn nlmsgs(buf: &[u8]) -> impl Iterator<Item = Nlmsg<'_>> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.len() < 16 {
+            return None;
+        }
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < 16 || len > rest.len() {
+            rest = &[];
+            return None;
+        }
+        let m = Nlmsg {
+            ty: u16::from_ne_bytes([rest[4], rest[5]]),
+            payload: &rest[16..len],
+        };
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+        Some(m)
+    })
+}
+
+/// errno (negative, 0 for an ACK) and the sequence number an `NLMSG_ERROR` answers.
+fn error_of(m: &Nlmsg<'_>) -> (i32, u32) {
+    let p = m.payload;
+    if p.len() < 20 {
+        return (-libc::EPROTO, 0);
+    }
+    (
+        i32::from_ne_bytes([p[0], p[1], p[2], p[3]]),
+        u32::from_ne_bytes([p[12], p[13], p[14], p[15]]),
+    )
+}
+
+fn pad4(buf: &mut Vec<u8>) {
+    while buf.len() % 4 != 0 {
+        buf.push(0);
+    }
+}
+
+fn nla(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
+    buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(data);
+    pad4(buf);
+}
+
+fn nest_begin(buf: &mut Vec<u8>, ty: u16) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&[0, 0]);
+    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+    start
+}
+
+fn nest_end(buf: &mut [u8], start: usize) {
+    let len = (buf.len() - start) as u16;
+    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// Starts a netlink message with its nfgenmsg header; returns where it starts.
+fn msg_begin(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    // nfgenmsg: family, NFNETLINK_V0, res_id 0.
+    buf.extend_from_slice(&[family, 0, 0, 0]);
+    start
+}
+
+fn msg_end(buf: &mut [u8], start: usize) {
+    let len = (buf.len() - start) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn family_of(t: &Tuple) -> u8 {
+    if t.is_ipv6() {
+        libc::AF_INET6 as u8
+    } else {
+        libc::AF_INET as u8
+    }
+}
+
+fn put_tuple(buf: &mut Vec<u8>, ty: u16, t: &Tuple) {
+    let outer = nest_begin(buf, ty);
+    let ip = nest_begin(buf, attr::tuple::IP);
+    match (t.src, t.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            nla(buf, attr::ip::V4_SRC, &s.octets());
+            nla(buf, attr::ip::V4_DST, &d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            nla(buf, attr::ip::V6_SRC, &s.octets());
+            nla(buf, attr::ip::V6_DST, &d.octets());
+        }
+        _ => panic!("mixed-family tuple {t}"),
+    }
+    nest_end(buf, ip);
+    let l4 = nest_begin(buf, attr::tuple::PROTO);
+    nla(buf, attr::l4::NUM, &[t.proto]);
+    match t.l4 {
+        L4::None => {}
+        L4::Ports { src, dst } => {
+            nla(buf, attr::l4::SRC_PORT, &src.to_be_bytes());
+            nla(buf, attr::l4::DST_PORT, &dst.to_be_bytes());
+        }
+        L4::Icmp { id, kind, code } => {
+            let (a_id, a_type, a_code) = if t.proto == proto::ICMPV6 {
+                (
+                    attr::l4::ICMPV6_ID,
+                    attr::l4::ICMPV6_TYPE,
+                    attr::l4::ICMPV6_CODE,
+                )
+            } else {
+                (attr::l4::ICMP_ID, attr::l4::ICMP_TYPE, attr::l4::ICMP_CODE)
+            };
+            nla(buf, a_id, &id.to_be_bytes());
+            nla(buf, a_type, &[kind]);
+            nla(buf, a_code, &[code]);
+        }
+    }
+    nest_end(buf, l4);
+    nest_end(buf, outer);
+}
+
+/// Minimal CT_NEW: both tuples, status CONFIRMED, timeout; create-only, no ACK.
+fn raw_create(buf: &mut Vec<u8>, f: &Flow, seq: u32) {
+    let flags = attr::NLM_F_REQUEST | attr::NLM_F_CREATE | attr::NLM_F_EXCL;
+    let start = msg_begin(buf, attr::MSG_CT_NEW, flags, seq, family_of(&f.key.orig));
+    put_tuple(buf, cta::TUPLE_ORIG, &f.key.orig);
+    put_tuple(buf, cta::TUPLE_REPLY, &f.reply);
+    nla(buf, cta::STATUS, &status::CONFIRMED.to_be_bytes());
+    nla(buf, cta::TIMEOUT, &FLOW_TIMEOUT.to_be_bytes());
+    msg_end(buf, start);
+}
+
+/// CT_DELETE by original tuple, no ACK.
+fn raw_delete(buf: &mut Vec<u8>, f: &Flow, seq: u32) {
+    let start = msg_begin(
+        buf,
+        attr::MSG_CT_DELETE,
+        attr::NLM_F_REQUEST,
+        seq,
+        family_of(&f.key.orig),
+    );
+    put_tuple(buf, cta::TUPLE_ORIG, &f.key.orig);
+    msg_end(buf, start);
+}
+
+/// Precomputed datagrams of at most [`BATCH_BYTES`]; the last message of each asks for an ACK.
+struct Batches {
+    datagrams: Vec<Vec<u8>>,
+    last_seq: Vec<u32>,
+}
+
+fn build_batches(flows: &[Flow], seq0: u32, encode: fn(&mut Vec<u8>, &Flow, u32)) -> Batches {
+    let mut b = Batches {
+        datagrams: Vec::new(),
+        last_seq: Vec::new(),
+    };
+    let mut cur = Vec::with_capacity(BATCH_BYTES);
+    let mut scratch = Vec::with_capacity(512);
+    let (mut last_start, mut last_seq) = (0, 0);
+    let mut close = |cur: &mut Vec<u8>, last_start: usize, last_seq: u32| {
+        let flags_at = last_start + 6;
+        let flags = u16::from_ne_bytes([cur[flags_at], cur[flags_at + 1]]) | attr::NLM_F_ACK;
+        cur[flags_at..flags_at + 2].copy_from_slice(&flags.to_ne_bytes());
+        b.datagrams
+            .push(std::mem::replace(cur, Vec::with_capacity(BATCH_BYTES)));
+        b.last_seq.push(last_seq);
+    };
+    for (i, f) in flows.iter().enumerate() {
+        let seq = seq0.wrapping_add(i as u32);
+        scratch.clear();
+        encode(&mut scratch, f, seq);
+        if !cur.is_empty() && cur.len() + scratch.len() > BATCH_BYTES {
+            close(&mut cur, last_start, last_seq);
+        }
+        last_start = cur.len();
+        last_seq = seq;
+        cur.extend_from_slice(&scratch);
+    }
+    if !cur.is_empty() {
+        close(&mut cur, last_start, last_seq);
+    }
+    b
+}
+
+/// Splits `flows` into `k` contiguous parts, one batch list per writing thread.
+fn split_batches(flows: &[Flow], k: usize, encode: fn(&mut Vec<u8>, &Flow, u32)) -> Vec<Batches> {
+    let per = flows.len().div_ceil(k.max(1)).max(1);
+    flows
+        .chunks(per)
+        .enumerate()
+        .map(|(j, part)| build_batches(part, (j * per) as u32, encode))
+        .collect()
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RawOutcome {
+    errors: u64,
+    first_errno: i32,
+}
+
+impl RawOutcome {
+    fn add(&mut self, o: RawOutcome) {
+        self.errors += o.errors;
+        if self.first_errno == 0 {
+            self.first_errno = o.first_errno;
+        }
+    }
+}
+
+/// Sends every datagram and waits for its final ACK, counting error reports on the way.
+fn send_batches(sock: &RawNl, b: &Batches) -> io::Result<RawOutcome> {
+    let mut rbuf = vec![0u8; 64 * 1024];
+    let mut out = RawOutcome::default();
+    for (dg, &last) in b.datagrams.iter().zip(&b.last_seq) {
+        sock.send(dg)?;
+        'ack: loop {
+            let n = sock.recv(&mut rbuf)?;
+            for m in nlmsgs(&rbuf[..n]) {
+                if m.ty != attr::NLMSG_ERROR {
+                    continue;
+                }
+                let (errno, seq) = error_of(&m);
+                if errno != 0 {
+                    out.errors += 1;
+                    if out.first_errno == 0 {
+                        out.first_errno = -errno;
+                    }
+                }
+                if seq == last {
+                    break 'ack;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct WriteTiming {
+    start: Instant,
+    end: Instant,
+    outcome: RawOutcome,
+}
+
+impl WriteTiming {
+    fn secs(&self) -> f64 {
+        (self.end - self.start).as_secs_f64()
+    }
+}
+
+/// One thread per socket, all released by `barrier` (which may have further parties).
+fn raw_write(socks: &[RawNl], batches: &[Batches], barrier: &Barrier) -> Result<WriteTiming> {
+    let results: Vec<io::Result<(Instant, Instant, RawOutcome)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = socks
+            .iter()
+            .zip(batches)
+            .map(|(sock, b)| {
+                s.spawn(move || {
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let r = send_batches(sock, b);
+                    r.map(|o| (t0, Instant::now(), o))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut timing: Option<WriteTiming> = None;
+    for r in results {
+        let (t0, t1, o) = r.context("raw writer")?;
+        match &mut timing {
+            None => {
+                timing = Some(WriteTiming {
+                    start: t0,
+                    end: t1,
+                    outcome: o,
+                })
+            }
+            Some(t) => {
+                t.start = t.start.min(t0);
+                t.end = t.end.max(t1);
+                t.outcome.add(o);
+            }
+        }
+    }
+    timing.context("no writer thread ran")
+}
+
+fn raw_writers(ns: &Netns, k: usize) -> Result<Vec<RawNl>> {
+    ns.run(move || {
+        (0..k)
+            .map(|_| RawNl::writer())
+            .collect::<io::Result<Vec<_>>>()
+    })?
+    .context("opening raw writer sockets")
+}
+
+/// Deletes every entry of the calling thread's namespace (CT_DELETE without a tuple).
+fn raw_flush() -> io::Result<()> {
+    let sock = RawNl::open()?;
+    let mut req = Vec::with_capacity(32);
+    let start = msg_begin(
+        &mut req,
+        attr::MSG_CT_DELETE,
+        attr::NLM_F_REQUEST | attr::NLM_F_ACK,
+        1,
+        libc::AF_UNSPEC as u8,
+    );
+    msg_end(&mut req, start);
+    sock.send(&req)?;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = sock.recv(&mut buf)?;
+        for m in nlmsgs(&buf[..n]) {
+            if m.ty == attr::NLMSG_ERROR {
+                let (errno, seq) = error_of(&m);
+                if seq == 1 {
+                    return if errno == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-errno))
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Dumps the table counting entries, without decoding them.
+fn raw_dump_count(sock: &RawNl) -> Result<u64> {
+    let mut req = Vec::with_capacity(32);
+    let start = msg_begin(
+        &mut req,
+        attr::MSG_CT_GET,
+        attr::NLM_F_REQUEST | attr::NLM_F_DUMP,
+        1,
+        libc::AF_UNSPEC as u8,
+    );
+    msg_end(&mut req, start);
+    sock.send(&req)?;
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut count = 0u64;
+    loop {
+        let n = sock.recv(&mut buf).context("raw dump receive")?;
+        for m in nlmsgs(&buf[..n]) {
+            match m.ty {
+                attr::NLMSG_DONE => return Ok(count),
+                attr::NLMSG_ERROR => {
+                    let (errno, _) = error_of(&m);
+                    if errno != 0 {
+                        bail!("raw dump: {}", io::Error::from_raw_os_error(-errno));
+                    }
+                }
+                attr::MSG_CT_NEW => count += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Serialize)]
+struct Row {
+    id: String,
+    section: &'static str,
+    label: String,
+    unit: &'static str,
+    median: f64,
+    min: f64,
+    max: f64,
+    samples: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Meta {
+    tool: &'static str,
+    kernel: String,
+    command_line: String,
+    cpus: usize,
+    flows: usize,
+    runs: usize,
+    nf_conntrack_max: u64,
+    nf_conntrack_buckets: u64,
+    flow_mix: &'static str,
+    size_of_flow: usize,
+    loadavg_start: String,
+    loadavg_end: String,
+    /// Conntrack entries of every namespace on the machine before the benchmark starts: they
+    /// share the kernel's one hash table with ours, and slow every lookup and insertion.
+    conntrack_entries_system_wide: u64,
+    /// Sockets subscribed to conntrack events anywhere on the machine, at start and at end.
+    /// The kernel keeps one global "has listener" flag (`nf_ctnetlink_has_listener`), so one
+    /// listener in any namespace makes it build an event for every conntrack change in every
+    /// namespace, ours included: creation and deletion get much slower.
+    ctnetlink_listeners_start: usize,
+    ctnetlink_listeners_end: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    meta: Meta,
+    results: Vec<Row>,
+    notes: Vec<String>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+impl Report {
+    fn add(&mut self, section: &'static str, id: &str, label: &str, unit: &'static str, s: &[f64]) {
+        let finite = s.iter().copied().filter(|x| x.is_finite());
+        self.results.push(Row {
+            id: id.to_string(),
+            section,
+            label: label.to_string(),
+            unit,
+            median: median(s),
+            min: finite.clone().fold(f64::NAN, f64::min),
+            max: finite.fold(f64::NAN, f64::max),
+            samples: s.to_vec(),
+        });
+    }
+
+    fn note(&mut self, text: String) {
+        eprintln!("note: {text}");
+        if !self.notes.contains(&text) {
+            self.notes.push(text);
+        }
+    }
+
+    fn print_table(&self) {
+        let m = &self.meta;
+        println!("ctsync-bench: kernel-bridge benchmark");
+        println!("kernel      {}", m.kernel);
+        println!("command     {}", m.command_line);
+        println!(
+            "machine     {} CPUs; nf_conntrack_max {} per namespace, nf_conntrack_buckets {}",
+            m.cpus, m.nf_conntrack_max, m.nf_conntrack_buckets
+        );
+        println!("flows       {} per measurement, {} runs", m.flows, m.runs);
+        println!(
+            "conntrack   {} entries in all namespaces at start (all share the kernel's hash table)",
+            m.conntrack_entries_system_wide
+        );
+        println!(
+            "listeners   {} conntrack event sockets on the machine at start, {} at end \
+             (one anywhere makes the kernel build events in every namespace)",
+            m.ctnetlink_listeners_start, m.ctnetlink_listeners_end
+        );
+        println!(
+            "loadavg     {} at start, {} at end",
+            m.loadavg_start, m.loadavg_end
+        );
+        println!("flow mix    {}", m.flow_mix);
+        let w = self
+            .results
+            .iter()
+            .map(|r| r.label.len())
+            .max()
+            .unwrap_or(0)
+            .max(50);
+        let mut section = "";
+        for r in &self.results {
+            if r.section != section {
+                section = r.section;
+                println!();
+                println!(
+                    "{:<w$} {:>12} {:>12} {:>12}  unit",
+                    section_title(section),
+                    "median",
+                    "min",
+                    "max",
+                    w = w + 2
+                );
+            }
+            let (lo, hi) = if r.samples.len() <= 1 {
+                (String::new(), String::new())
+            } else {
+                (fmt_value(r.unit, r.min), fmt_value(r.unit, r.max))
+            };
+            println!(
+                "  {:<w$} {:>12} {:>12} {:>12}  {}",
+                r.label,
+                fmt_value(r.unit, r.median),
+                lo,
+                hi,
+                r.unit
+            );
+        }
+        if !self.notes.is_empty() {
+            println!();
+            println!("notes");
+            for n in &self.notes {
+                println!("  - {n}");
+            }
+        }
+    }
+}
+
+fn section_title(s: &str) -> &'static str {
+    match s {
+        "codec" => "[codec] userspace only, no kernel",
+        "inject" => "[inject] create N flows in an empty namespace",
+        "dump" => "[dump] read back the N-flow table",
+        "memory" => "[memory] per mirrored flow",
+        "events" => "[events] 2 raw writers flat out; reader concurrent, then paused",
+        _ => "[other]",
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as i64;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn fmt_value(unit: &str, v: f64) -> String {
+    if !v.is_finite() {
+        return "n/a".into();
+    }
+    match unit {
+        "flows/s" | "events/s" | "events" | "flows" | "B" | "overruns" => thousands(v),
+        "x" => format!("{v:.3}"),
+        "allocs" | "us" => format!("{v:.2}"),
+        _ => format!("{v:.1}"),
+    }
+}
+
+fn mib(bytes: usize) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        f64::NAN
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark
+// ---------------------------------------------------------------------------------------------
+
+fn wants(args: &Args, s: Section) -> bool {
+    args.only.is_empty() || args.only.contains(&s)
+}
+
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn run(args: &Args) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "must run as root: it creates network namespaces and writes their conntrack tables \
+             (try: sudo integration/bench.sh {})",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        );
+    }
+    ensure!(args.flows > 0, "--flows must be positive");
+    ensure!(args.runs > 0, "--runs must be positive");
+    ensure!(
+        args.flows < 1 << 24,
+        "--flows must stay below 2^24 (tuples are derived from the flow number)"
+    );
+    install_signal_cleanup()?;
+    if remove_stale_namespaces() {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    let nf_conntrack_max = {
+        let ns = Netns::create()?;
+        ns.run(|| read_sysctl("nf_conntrack_max"))?
+            .context("reading nf_conntrack_max")?
+    };
+    if args.flows as u64 >= nf_conntrack_max {
+        bail!(
+            "--flows {} does not fit in nf_conntrack_max {nf_conntrack_max} of a namespace",
+            args.flows
+        );
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let mut rep = Report {
+        meta: Meta {
+            tool: "ctsync-bench",
+            kernel,
+            command_line: command_line(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            flows: args.flows,
+            runs: args.runs,
+            nf_conntrack_max,
+            nf_conntrack_buckets: read_sysctl("nf_conntrack_buckets").unwrap_or(0),
+            flow_mix: FLOW_MIX,
+            size_of_flow: size_of::<Flow>(),
+            loadavg_start: loadavg(),
+            loadavg_end: String::new(),
+            conntrack_entries_system_wide: conntrack_slab_objects(),
+            ctnetlink_listeners_start: ctnetlink_listeners(),
+            ctnetlink_listeners_end: 0,
+        },
+        results: Vec::new(),
+        notes: Vec::new(),
+    };
+    eprintln!(
+        "ctsync-bench: kernel {}, {} flows, {} runs",
+        rep.meta.kernel, args.flows, args.runs
+    );
+
+    let realistic: Vec<Flow> = (0..args.flows).map(realistic_flow).collect();
+    let minimal: Vec<Flow> = (0..args.flows).map(minimal_flow).collect();
+
+    if wants(args, Section::Codec) {
+        bench_codec(args, &realistic, &minimal, &mut rep)?;
+    }
+    if wants(args, Section::Inject) {
+        bench_inject(args, &realistic, &minimal, &mut rep)?;
+    }
+    if wants(args, Section::Dump) || wants(args, Section::Memory) {
+        bench_dump_and_memory(args, &realistic, &mut rep)?;
+    }
+    if wants(args, Section::Events) {
+        bench_events(args, &minimal, &mut rep)?;
+    }
+
+    rep.meta.loadavg_end = loadavg();
+    rep.meta.ctnetlink_listeners_end = ctnetlink_listeners();
+    if rep.meta.ctnetlink_listeners_start + rep.meta.ctnetlink_listeners_end > 0 {
+        rep.note(
+            "conntrack event listeners ran elsewhere on the machine: the kernel built an event \
+             for each of our creations and deletions too (its listener flag is global), so the \
+             [inject] rates are those of a host where ctsyncd listens, not of an idle kernel"
+                .into(),
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        rep.print_table();
+    }
+    Ok(())
+}
+
+// --- codec -----------------------------------------------------------------------------------
+
+fn bench_codec(args: &Args, realistic: &[Flow], minimal: &[Flow], rep: &mut Report) -> Result<()> {
+    let n = realistic.len();
+    let mut series = Series::default();
+    // Entries as the kernel reports them (events and dumps), packed in datagrams.
+    let mut datagrams = Vec::new();
+    let mut cur = Vec::with_capacity(RECV_BUF);
+    for (i, f) in realistic.iter().enumerate() {
+        codec::encode_entry(&mut cur, CtEventKind::New, f, i as u32);
+        if cur.len() >= 32 * 1024 {
+            datagrams.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        datagrams.push(cur);
+    }
+    let ctsync_create = |buf: &mut Vec<u8>, f: &Flow, seq: u32| {
+        codec::encode_write(buf, WriteOp::Create, f, seq, false);
+    };
+    type Encoder<'a> = &'a dyn Fn(&mut Vec<u8>, &Flow, u32);
+    let encoders: [(&str, &str, &[Flow], Encoder<'_>); 3] = [
+        (
+            "realistic",
+            "codec::encode_write CT_NEW, realistic flows",
+            realistic,
+            &ctsync_create,
+        ),
+        (
+            "minimal",
+            "codec::encode_write CT_NEW, minimal flows",
+            minimal,
+            &ctsync_create,
+        ),
+        (
+            "raw_minimal",
+            "bench's raw encoder CT_NEW, minimal flows",
+            minimal,
+            &raw_create,
+        ),
+    ];
+    for run in 0..args.runs {
+        eprintln!("[codec] run {}/{}", run + 1, args.runs);
+        for &(id, label, flows, encode) in &encoders {
+            let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
+            let mut bytes = 0;
+            let t0 = Instant::now();
+            for (i, f) in flows.iter().enumerate() {
+                encode(&mut buf, f, i as u32);
+                if buf.len() >= BATCH_BYTES {
+                    bytes += buf.len();
+                    black_box(&buf);
+                    buf.clear();
+                }
+            }
+            black_box(&buf);
+            let secs = t0.elapsed().as_secs_f64();
+            bytes += buf.len();
+            series.push(
+                &format!("codec.encode.{id}"),
+                label,
+                "flows/s",
+                rate(n, secs),
+            );
+            series.push(
+                &format!("codec.msg_bytes.{id}"),
+                &format!("{label}: bytes per message"),
+                "B",
+                bytes as f64 / n as f64,
+            );
+        }
+
+        let t0 = Instant::now();
+        let mut count = 0usize;
+        for dg in &datagrams {
+            for m in codec::messages(dg) {
+                black_box(codec::decode_conntrack(&m?)?);
+                count += 1;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        ensure!(count == n, "decoded {count} of {n} entries");
+        series.push(
+            "codec.decode",
+            "codec::decode_conntrack, realistic entries",
+            "flows/s",
+            rate(n, secs),
+        );
+
+        let mut mirror = Mirror::new();
+        mirror.start();
+        mirror.dump_complete(Vec::new());
+        let t0 = Instant::now();
+        for dg in &datagrams {
+            for m in codec::messages(dg) {
+                let msg = codec::decode_conntrack(&m?)?;
+                black_box(mirror.event(msg, false));
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        ensure!(
+            mirror.table().len() == n,
+            "mirror holds {} of {n}",
+            mirror.table().len()
+        );
+        series.push(
+            "codec.decode_apply",
+            "decode + Mirror::event, NEW into a synced mirror",
+            "flows/s",
+            rate(n, secs),
+        );
+    }
+    // The ctsync-vs-raw comparison on minimal flows assumes the kernel gets the same bytes.
+    let differing = minimal
+        .iter()
+        .enumerate()
+        .take(2000)
+        .filter(|&(i, f)| {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            codec::encode_write(&mut a, WriteOp::Create, f, i as u32, false);
+            raw_create(&mut b, f, i as u32);
+            a != b
+        })
+        .count();
+    if differing > 0 {
+        rep.note(format!(
+            "{differing} of the first 2000 minimal CT_NEW messages differ between \
+             codec::encode_write and the raw encoder"
+        ));
+    }
+
+    // Allocations per operation, in an untimed pass.
+    let sample = &realistic[..n.min(10_000)];
+    let mut buf = Vec::with_capacity(BATCH_BYTES + 64 * 1024);
+    let ((), allocs) = count_allocs(|| {
+        for (i, f) in sample.iter().enumerate() {
+            codec::encode_write(&mut buf, WriteOp::Create, f, i as u32, false);
+        }
+    });
+    series.push(
+        "codec.allocs.encode",
+        "heap allocations per codec::encode_write, realistic",
+        "allocs",
+        allocs as f64 / sample.len() as f64,
+    );
+    let mut entries = Vec::with_capacity(sample.len() * 256);
+    for (i, f) in sample.iter().enumerate() {
+        codec::encode_entry(&mut entries, CtEventKind::New, f, i as u32);
+    }
+    let (decoded, allocs) = count_allocs(|| {
+        codec::messages(&entries)
+            .map(|m| {
+                m.map_err(anyhow::Error::from)
+                    .and_then(|m| Ok(codec::decode_conntrack(&m)?))
+            })
+            .collect::<Result<Vec<_>>>()
+    });
+    let decoded = decoded?;
+    series.push(
+        "codec.allocs.decode",
+        "heap allocations per codec::decode_conntrack (incl. result Vec)",
+        "allocs",
+        allocs as f64 / sample.len() as f64,
+    );
+    let mut mirror = Mirror::new();
+    mirror.start();
+    mirror.dump_complete(Vec::new());
+    let ((), allocs) = count_allocs(|| {
+        for msg in decoded {
+            black_box(mirror.event(msg, false));
+        }
+    });
+    series.push(
+        "codec.allocs.apply",
+        "heap allocations per Mirror::event (NEW, table growth incl.)",
+        "allocs",
+        allocs as f64 / sample.len() as f64,
+    );
+    series.report(rep, "codec");
+    Ok(())
+}
+
+// --- injection -------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Injector {
+    Raw,
+    CtsyncMinimal,
+    Ctsync,
+}
+
+impl Injector {
+    fn id(self) -> &'static str {
+        match self {
+            Injector::Raw => "raw",
+            Injector::CtsyncMinimal => "ctsync_minimal",
+            Injector::Ctsync => "ctsync",
+        }
+    }
+}
+
+/// One injection into a fresh namespace; returns flows/s.
+fn inject_once(
+    who: Injector,
+    k: usize,
+    realistic: &[Flow],
+    minimal: &[Flow],
+    rep: &mut Report,
+) -> Result<f64> {
+    let n = realistic.len();
+    let ns = Netns::create()?;
+    let secs = match who {
+        Injector::Raw => {
+            let batches = split_batches(minimal, k, raw_create);
+            let socks = raw_writers(&ns, k)?;
+            let t = raw_write(&socks, &batches, &Barrier::new(socks.len()))?;
+            if t.outcome.errors > 0 {
+                rep.note(format!(
+                    "raw writer k={k}: {} of {n} creates failed (first: {})",
+                    t.outcome.errors,
+                    io::Error::from_raw_os_error(t.outcome.first_errno)
+                ));
+            }
+            t.secs()
+        }
+        Injector::Ctsync | Injector::CtsyncMinimal => {
+            let flows = if who == Injector::Ctsync {
+                realistic
+            } else {
+                minimal
+            };
+            let mut writer = ns
+                .run(move || Writer::open(k, &Origins::new()))?
+                .context("Writer::open")?;
+            let t0 = Instant::now();
+            let report = writer.upsert(flows).context("Writer::upsert")?;
+            let secs = t0.elapsed().as_secs_f64();
+            if report.created != n as u64 || !report.failures.is_empty() {
+                let first = report
+                    .failures
+                    .first()
+                    .map(|f| format!("{} {}: {} ({})", f.op, f.key.orig, f.error, f.errno))
+                    .unwrap_or_default();
+                rep.note(format!(
+                    "{} k={k}: created {} updated {} replaced {} failed {} of {n}; first failure: {first}",
+                    who.id(),
+                    report.created,
+                    report.updated,
+                    report.replaced,
+                    report.failures.len()
+                ));
+            }
+            secs
+        }
+    };
+    let in_kernel = ns.conntrack_count()?;
+    if in_kernel != n as u64 {
+        rep.note(format!(
+            "{} k={k}: the kernel holds {in_kernel} entries after injecting {n}",
+            who.id()
+        ));
+    }
+    Ok(rate(n, secs))
+}
+
+fn bench_inject(args: &Args, realistic: &[Flow], minimal: &[Flow], rep: &mut Report) -> Result<()> {
+    let order = [
+        (Injector::Raw, 1),
+        (Injector::CtsyncMinimal, 1),
+        (Injector::Ctsync, 1),
+        (Injector::Raw, 2),
+        (Injector::CtsyncMinimal, 2),
+        (Injector::Ctsync, 2),
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); order.len()];
+    for run in 0..args.runs {
+        for (slot, &(who, k)) in order.iter().enumerate() {
+            let r = inject_once(who, k, realistic, minimal, rep)?;
+            eprintln!(
+                "[inject] run {}/{}: {} k={k}: {} flows/s",
+                run + 1,
+                args.runs,
+                who.id(),
+                thousands(r)
+            );
+            samples[slot].push(r);
+        }
+    }
+    let get = |who: Injector, k: usize| -> &Vec<f64> {
+        let slot = order.iter().position(|&o| o == (who, k)).unwrap_or(0);
+        &samples[slot]
+    };
+    for k in [1, 2] {
+        let s = if k == 1 { "socket" } else { "sockets/threads" };
+        rep.add(
+            "inject",
+            &format!("inject.raw.k{k}"),
+            &format!("raw CT_NEW batches, minimal flows, {k} {s}"),
+            "flows/s",
+            get(Injector::Raw, k),
+        );
+        rep.add(
+            "inject",
+            &format!("inject.ctsync_minimal.k{k}"),
+            &format!("ctsync Writer::upsert, same minimal flows, k={k}"),
+            "flows/s",
+            get(Injector::CtsyncMinimal, k),
+        );
+        rep.add(
+            "inject",
+            &format!("inject.ctsync.k{k}"),
+            &format!("ctsync Writer::upsert, realistic mix, k={k}"),
+            "flows/s",
+            get(Injector::Ctsync, k),
+        );
+    }
+    for k in [1, 2] {
+        let raw = get(Injector::Raw, k);
+        let ratio = |v: &Vec<f64>| -> Vec<f64> { v.iter().zip(raw).map(|(a, b)| a / b).collect() };
+        rep.add(
+            "inject",
+            &format!("inject.ratio_minimal.k{k}"),
+            &format!("ratio ctsync minimal / raw, k={k} (paired runs)"),
+            "x",
+            &ratio(get(Injector::CtsyncMinimal, k)),
+        );
+        rep.add(
+            "inject",
+            &format!("inject.ratio.k{k}"),
+            &format!("ratio ctsync realistic / raw minimal, k={k} (paired runs)"),
+            "x",
+            &ratio(get(Injector::Ctsync, k)),
+        );
+    }
+    Ok(())
+}
+
+// --- dump and memory -------------------------------------------------------------------------
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Probe {
+    flows: u64,
+    rss_before: u64,
+    rss_after: u64,
+    hwm_before: u64,
+    hwm_after: u64,
+    heap_bytes: u64,
+}
+
+fn proc_status_bytes(field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/status")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .with_context(|| format!("{field} missing from /proc/self/status"))?;
+    let kb: u64 = line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {line:?}"))?;
+    Ok(kb * 1024)
+}
+
+fn malloc_trim() {
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Runs in a fresh child process: dumps the namespace into a FlowTable (or a Mirror) and
+/// reports RSS before and after, with free heap memory returned to the system both times.
+fn memory_probe(ns: &str, mode: ProbeMode) -> Result<Probe> {
+    malloc_trim();
+    let rss_before = proc_status_bytes("VmRSS")?;
+    let hwm_before = proc_status_bytes("VmHWM")?;
+    let finish = |flows: usize, heap: usize| -> Result<Probe> {
+        malloc_trim();
+        Ok(Probe {
+            flows: flows as u64,
+            rss_before,
+            rss_after: proc_status_bytes("VmRSS")?,
+            hwm_before,
+            hwm_after: proc_status_bytes("VmHWM")?,
+            heap_bytes: heap as u64,
+        })
+    };
+    match mode {
+        ProbeMode::Table => {
+            let table = netns::run_in(ns, || -> Result<FlowTable> {
+                let sock = CtSocket::open()?;
+                let mut table = FlowTable::new();
+                dump(&sock, |m| {
+                    table.insert(m.flow);
+                })?;
+                Ok(table)
+            })??;
+            let p = finish(table.len(), table.heap_bytes());
+            black_box(&table);
+            p
+        }
+        ProbeMode::Mirror => {
+            let flows = netns::run_in(ns, || -> Result<Vec<Flow>> {
+                let sock = CtSocket::open()?;
+                let mut flows = Vec::new();
+                dump(&sock, |m| flows.push(m.flow))?;
+                Ok(flows)
+            })??;
+            let mut mirror = Mirror::new();
+            mirror.start();
+            drop(mirror.dump_complete(flows));
+            let p = finish(mirror.table().len(), mirror.table().heap_bytes());
+            black_box(&mirror);
+            p
+        }
+    }
+}
+
+fn run_probe(ns: &Netns, mode: &str) -> Result<Probe> {
+    let exe = std::env::current_exe().context("locating the benchmark binary")?;
+    let mut child = Command::new(exe)
+        .args(["--memory-probe", &ns.name, "--probe-mode", mode])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the memory probe")?;
+    *probe_pid() = child.id() as i32;
+    let mut stdout = Vec::new();
+    let read = child
+        .stdout
+        .take()
+        .context("memory probe stdout")?
+        .read_to_end(&mut stdout);
+    // Cleared before the child is reaped: its pid cannot be reused while the signal thread
+    // may still kill it.
+    *probe_pid() = 0;
+    let status = child.wait().context("waiting for the memory probe")?;
+    read.context("reading the memory probe's output")?;
+    ensure!(status.success(), "memory probe failed: {status}");
+    serde_json::from_slice(&stdout).context("parsing the memory probe's output")
+}
+
+fn bench_dump_and_memory(args: &Args, realistic: &[Flow], rep: &mut Report) -> Result<()> {
+    let n = realistic.len();
+    let ns = Netns::create()?;
+    eprintln!("[dump] populating {n} realistic flows");
+    let mut writer = ns
+        .run(|| Writer::open(2, &Origins::new()))?
+        .context("Writer::open")?;
+    let report = writer.upsert(realistic).context("Writer::upsert")?;
+    drop(writer);
+    let in_kernel = ns.conntrack_count()?;
+    if in_kernel != n as u64 || !report.failures.is_empty() {
+        rep.note(format!(
+            "dump table: {in_kernel} entries in the kernel, {} write failures",
+            report.failures.len()
+        ));
+    }
+
+    if wants(args, Section::Dump) {
+        let (mut raw, mut ct, mut rec) = (vec![], vec![], vec![]);
+        for run in 0..args.runs {
+            let sock = ns.run(RawNl::open)?.context("opening a raw socket")?;
+            let t0 = Instant::now();
+            let count = raw_dump_count(&sock)?;
+            raw.push(rate(count as usize, t0.elapsed().as_secs_f64()));
+            if count != in_kernel {
+                rep.note(format!("raw dump returned {count} of {in_kernel} entries"));
+            }
+
+            let sock = ns.run(CtSocket::open)?.context("CtSocket::open")?;
+            let t0 = Instant::now();
+            let mut count = 0u64;
+            let undecodable = dump(&sock, |m| {
+                count += 1;
+                black_box(&m);
+            })?;
+            ct.push(rate(count as usize, t0.elapsed().as_secs_f64()));
+            if count != in_kernel || undecodable > 0 {
+                rep.note(format!(
+                    "ctsync dump returned {count} of {in_kernel} entries, {undecodable} undecodable"
+                ));
+            }
+
+            let sock = ns.run(CtSocket::open)?.context("CtSocket::open")?;
+            let t0 = Instant::now();
+            let mut flows = Vec::new();
+            dump(&sock, |m| flows.push(m.flow))?;
+            let mut mirror = Mirror::new();
+            mirror.start();
+            let (changes, _) = mirror.dump_complete(flows);
+            let secs = t0.elapsed().as_secs_f64();
+            rec.push(rate(mirror.table().len(), secs));
+            black_box(changes);
+            drop(mirror);
+            eprintln!(
+                "[dump] run {}/{}: raw {} ctsync {} reconcile {} flows/s",
+                run + 1,
+                args.runs,
+                thousands(raw[run]),
+                thousands(ct[run]),
+                thousands(rec[run])
+            );
+        }
+        rep.add(
+            "dump",
+            "dump.raw",
+            "raw dump, messages counted, not decoded",
+            "flows/s",
+            &raw,
+        );
+        rep.add(
+            "dump",
+            "dump.ctsync",
+            "ctsync::netlink::dump, decoded to CtMessage",
+            "flows/s",
+            &ct,
+        );
+        rep.add(
+            "dump",
+            "dump.ctsync_vs_raw",
+            "ratio ctsync/raw dump (medians)",
+            "x",
+            &[median(&ct) / median(&raw)],
+        );
+        rep.add(
+            "dump",
+            "dump.reconcile",
+            "dump + Mirror::dump_complete (initial sync)",
+            "flows/s",
+            &rec,
+        );
+    }
+
+    if wants(args, Section::Memory) {
+        let (mut t_rss, mut t_peak, mut t_heap) = (vec![], vec![], vec![]);
+        let (mut m_rss, mut m_peak, mut m_heap) = (vec![], vec![], vec![]);
+        for run in 0..args.runs {
+            for (mode, rss, peak, heap) in [
+                ("table", &mut t_rss, &mut t_peak, &mut t_heap),
+                ("mirror", &mut m_rss, &mut m_peak, &mut m_heap),
+            ] {
+                let p = run_probe(&ns, mode)?;
+                let flows = p.flows.max(1) as f64;
+                if p.flows != in_kernel {
+                    rep.note(format!(
+                        "memory probe ({mode}) read {} of {in_kernel} flows",
+                        p.flows
+                    ));
+                }
+                rss.push(p.rss_after.saturating_sub(p.rss_before) as f64 / flows);
+                peak.push(p.hwm_after.saturating_sub(p.hwm_before) as f64 / flows);
+                heap.push(p.heap_bytes as f64 / flows);
+            }
+            eprintln!(
+                "[memory] run {}/{}: FlowTable {:.1} B/flow RSS, Mirror {:.1} B/flow RSS",
+                run + 1,
+                args.runs,
+                t_rss[run],
+                m_rss[run]
+            );
+        }
+        rep.add(
+            "memory",
+            "memory.table.rss_per_flow",
+            "FlowTable from a dump: RSS growth / N",
+            "B/flow",
+            &t_rss,
+        );
+        rep.add(
+            "memory",
+            "memory.table.peak_per_flow",
+            "FlowTable from a dump: peak RSS growth / N",
+            "B/flow",
+            &t_peak,
+        );
+        rep.add(
+            "memory",
+            "memory.table.heap_per_flow",
+            "FlowTable::heap_bytes() / N",
+            "B/flow",
+            &t_heap,
+        );
+        rep.add(
+            "memory",
+            "memory.mirror.rss_per_flow",
+            "Mirror via dump_complete: RSS growth / N",
+            "B/flow",
+            &m_rss,
+        );
+        rep.add(
+            "memory",
+            "memory.mirror.peak_per_flow",
+            "Mirror via dump_complete: peak RSS growth / N",
+            "B/flow",
+            &m_peak,
+        );
+        rep.add(
+            "memory",
+            "memory.mirror.heap_per_flow",
+            "Mirror table heap_bytes() / N",
+            "B/flow",
+            &m_heap,
+        );
+        rep.add(
+            "memory",
+            "memory.size_of_flow",
+            "size_of::<Flow>()",
+            "B",
+            &[size_of::<Flow>() as f64],
+        );
+        rep.add(
+            "memory",
+            "memory.size_of_flowkey",
+            "size_of::<FlowKey>()",
+            "B",
+            &[size_of::<FlowKey>() as f64],
+        );
+        rep.add(
+            "memory",
+            "memory.size_of_tuple",
+            "size_of::<Tuple>()",
+            "B",
+            &[size_of::<Tuple>() as f64],
+        );
+    }
+    Ok(())
+}
+
+// --- events ----------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct Intake {
+    matched: u64,
+    other: u64,
+    overruns: u64,
+    undecodable: u64,
+    last_event: Option<Instant>,
+    mirrored: usize,
+    /// Time spent in `EventSource::next_batch` (receive and decode) and applying to the mirror.
+    batch_secs: f64,
+    apply_secs: f64,
+}
+
+/// The reader: applies every event to the mirror until `expected` events of kind `want` came,
+/// or the writers are done and nothing arrived for [`EVENT_IDLE`].
+fn intake(
+    src: &mut EventSource,
+    mirror: &mut Mirror,
+    want: CtEventKind,
+    expected: u64,
+    barrier: Option<&Barrier>,
+    writers_done: &AtomicBool,
+) -> Result<Intake> {
+    if let Some(b) = barrier {
+        b.wait();
+    }
+    let mut r = Intake::default();
+    let mut out = Vec::with_capacity(1024);
+    let mut idle_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while r.matched < expected {
+        out.clear();
+        let t0 = Instant::now();
+        src.next_batch(&mut out, 1024)?;
+        let t1 = Instant::now();
+        if out.is_empty() {
+            if (writers_done.load(Ordering::Acquire) && idle_since.elapsed() > EVENT_IDLE)
+                || Instant::now() > deadline
+            {
+                break;
+            }
+            continue;
+        }
+        for ev in out.drain(..) {
+            match ev {
+                KernelEvent::Flow { msg, own } => {
+                    if msg.kind == want {
+                        r.matched += 1;
+                    } else {
+                        r.other += 1;
+                    }
+                    black_box(mirror.event(msg, own));
+                }
+                KernelEvent::Overrun => {
+                    r.overruns += 1;
+                    mirror.overrun();
+                }
+                KernelEvent::Undecodable(_) => {
+                    r.undecodable += 1;
+                    mirror.undecodable();
+                }
+            }
+        }
+        let now = Instant::now();
+        r.batch_secs += (t1 - t0).as_secs_f64();
+        r.apply_secs += (now - t1).as_secs_f64();
+        r.last_event = Some(now);
+        idle_since = now;
+    }
+    r.mirrored = mirror.table().len();
+    Ok(r)
+}
+
+/// Bytes queued on the event sockets (netlink sockets with groups) of the calling thread's
+/// namespace, from `/proc/thread-self/net/netlink`.
+fn event_socket_rmem() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/netlink")?;
+    let mut rmem = 0;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let subscribed = f
+            .get(3)
+            .is_some_and(|g| !g.trim_start_matches('0').is_empty());
+        if f.len() >= 5 && f[1] == "12" && subscribed {
+            rmem += f[4].parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok(rmem)
+}
+
+#[derive(Debug)]
+struct Phase {
+    intake: Intake,
+    write: WriteTiming,
+    /// For a paused reader: when it started draining the backlog.
+    drain_start: Option<Instant>,
+    /// For a paused reader: receive-buffer bytes the backlog occupied.
+    queued_bytes: u64,
+}
+
+impl Phase {
+    /// First write (paused reader: first read) to the last event applied.
+    fn wall_secs(&self) -> f64 {
+        let from = self.drain_start.unwrap_or(self.write.start);
+        self.intake.last_event.map_or(f64::NAN, |t| {
+            t.saturating_duration_since(from).as_secs_f64()
+        })
+    }
+
+    fn applied_rate(&self) -> f64 {
+        self.intake.matched as f64 / self.wall_secs()
+    }
+
+    /// Milliseconds from the last writer finishing to the last event applied (negative if the
+    /// reader was done first, which the writers' final ACK round trip makes possible).
+    fn lag_ms(&self) -> f64 {
+        match self.intake.last_event {
+            None => f64::NAN,
+            Some(t) => match t.checked_duration_since(self.write.end) {
+                Some(d) => d.as_secs_f64() * 1e3,
+                None => -(self.write.end - t).as_secs_f64() * 1e3,
+            },
+        }
+    }
+}
+
+/// A namespace with an event reader feeding a synced mirror, and two raw writers.
+struct EventRig {
+    src: EventSource,
+    mirror: Mirror,
+    socks: Vec<RawNl>,
+    granted: usize,
+    // Last: dropped after the sockets.
+    ns: Netns,
+}
+
+impl EventRig {
+    fn open(buffer: usize) -> Result<EventRig> {
+        let ns = Netns::create()?;
+        let (src, granted) = ns
+            .run(move || EventSource::open(buffer, Origins::new()))?
+            .context("EventSource::open")?;
+        let socks = raw_writers(&ns, 2)?;
+        let mut mirror = Mirror::new();
+        mirror.start();
+        mirror.dump_complete(Vec::new());
+        Ok(EventRig {
+            src,
+            mirror,
+            socks,
+            granted,
+            ns,
+        })
+    }
+
+    /// `concurrent`: the reader runs while the writers write (the real situation). Otherwise
+    /// it waits until they are done: the kernel's rate without a competing reader, then the
+    /// reader alone draining the backlog.
+    fn phase(
+        &mut self,
+        batches: &[Batches],
+        want: CtEventKind,
+        expected: u64,
+        concurrent: bool,
+    ) -> Result<Phase> {
+        let EventRig {
+            src,
+            mirror,
+            socks,
+            ns,
+            ..
+        } = self;
+        if !concurrent {
+            let write = raw_write(socks, batches, &Barrier::new(socks.len()))?;
+            let queued_bytes = ns
+                .run(event_socket_rmem)?
+                .context("reading /proc/thread-self/net/netlink")?;
+            let start = Instant::now();
+            let intake = intake(src, mirror, want, expected, None, &AtomicBool::new(true))?;
+            return Ok(Phase {
+                intake,
+                write,
+                drain_start: Some(start),
+                queued_bytes,
+            });
+        }
+        let barrier = Barrier::new(socks.len() + 1);
+        let done = AtomicBool::new(false);
+        let (write, intake) = std::thread::scope(|s| {
+            let (barrier, done) = (&barrier, &done);
+            let reader = s.spawn(move || intake(src, mirror, want, expected, Some(barrier), done));
+            let write = raw_write(socks, batches, barrier);
+            done.store(true, Ordering::Release);
+            let intake = reader
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (write, intake)
+        });
+        Ok(Phase {
+            write: write?,
+            intake: intake?,
+            drain_start: None,
+            queued_bytes: 0,
+        })
+    }
+}
+
+/// Samples of several figures, in first-seen order.
+#[derive(Default)]
+struct Series(Vec<(String, String, &'static str, Vec<f64>)>);
+
+impl Series {
+    fn push(&mut self, id: &str, label: &str, unit: &'static str, v: f64) {
+        match self.0.iter_mut().find(|s| s.0 == id) {
+            Some(s) => s.3.push(v),
+            None => self.0.push((id.into(), label.into(), unit, vec![v])),
+        }
+    }
+
+    fn report(self, rep: &mut Report, section: &'static str) {
+        for (id, label, unit, v) in self.0 {
+            rep.add(section, &id, &label, unit, &v);
+        }
+    }
+}
+
+fn kind_name(k: CtEventKind) -> &'static str {
+    match k {
+        CtEventKind::New => "NEW",
+        CtEventKind::Update => "UPDATE",
+        CtEventKind::Destroy => "DESTROY",
+    }
+}
+
+fn check_phase(rep: &mut Report, p: &Phase, what: &str, n: usize, mirror_should_hold: usize) {
+    if p.write.outcome.errors > 0 {
+        rep.note(format!(
+            "events {what}: {} raw writes failed (first: {})",
+            p.write.outcome.errors,
+            io::Error::from_raw_os_error(p.write.outcome.first_errno)
+        ));
+    }
+    if p.intake.overruns > 0 || p.intake.matched != n as u64 {
+        rep.note(format!(
+            "events {what}: {} overrun(s), {} of {n} events received: the mirror would need a resync",
+            p.intake.overruns, p.intake.matched
+        ));
+    } else if p.intake.mirrored != mirror_should_hold {
+        rep.note(format!(
+            "events {what}: mirror holds {} flows afterwards, expected {mirror_should_hold}",
+            p.intake.mirrored
+        ));
+    }
+    if p.intake.undecodable > 0 {
+        rep.note(format!(
+            "events {what}: {} undecodable events",
+            p.intake.undecodable
+        ));
+    }
+}
+
+fn bench_events(args: &Args, minimal: &[Flow], rep: &mut Report) -> Result<()> {
+    let n = minimal.len();
+    let creates = split_batches(minimal, 2, raw_create);
+    let deletes = split_batches(minimal, 2, raw_delete);
+    let phases = [
+        (&creates, CtEventKind::New, n),
+        (&deletes, CtEventKind::Destroy, 0),
+    ];
+    let mut series = Series::default();
+
+    // The real situation: the reader competes with the writers.
+    for &bufsize in &args.event_buffer {
+        for run in 0..args.runs {
+            let mut rig = EventRig::open(bufsize)?;
+            let buf = mib(rig.granted);
+            for &(batches, kind, holds) in &phases {
+                let p = rig.phase(batches, kind, n as u64, true)?;
+                let what = format!("{} [{buf}]", kind_name(kind));
+                check_phase(rep, &p, &what, n, holds);
+                let id = format!(
+                    "events.{}.{}",
+                    kind_name(kind).to_lowercase(),
+                    buf.replace(' ', "")
+                );
+                let rows: [(&str, &str, &'static str, f64); 7] = [
+                    (
+                        "received",
+                        "events received",
+                        "events",
+                        (p.intake.matched + p.intake.other) as f64,
+                    ),
+                    (
+                        "overruns",
+                        "overruns (ENOBUFS)",
+                        "overruns",
+                        p.intake.overruns as f64,
+                    ),
+                    (
+                        "lost",
+                        "events missing at the end",
+                        "events",
+                        n as f64 - p.intake.matched as f64,
+                    ),
+                    (
+                        "kernel_rate",
+                        "kernel create/delete rate, 2 writers",
+                        "flows/s",
+                        rate(n, p.write.secs()),
+                    ),
+                    (
+                        "applied_rate",
+                        "events applied/s, first write to last event",
+                        "events/s",
+                        p.applied_rate(),
+                    ),
+                    (
+                        "wall_ms",
+                        "wall time, first write to last event",
+                        "ms",
+                        p.wall_secs() * 1e3,
+                    ),
+                    ("lag_ms", "lag after the writers finished", "ms", p.lag_ms()),
+                ];
+                for (key, label, unit, v) in rows {
+                    series.push(&format!("{id}.{key}"), &format!("{what} {label}"), unit, v);
+                }
+                eprintln!(
+                    "[events] run {}/{} {what}: {} of {n} events, {} overruns, kernel {} flows/s, \
+                     applied {} events/s, lag {:.1} ms",
+                    run + 1,
+                    args.runs,
+                    p.intake.matched,
+                    p.intake.overruns,
+                    thousands(rate(n, p.write.secs())),
+                    thousands(p.applied_rate()),
+                    p.lag_ms()
+                );
+            }
+        }
+    }
+
+    // Decomposition: the kernel with an idle listener, then the reader alone on the backlog.
+    let mut per_event = Vec::new();
+    for run in 0..args.runs {
+        let mut rig = EventRig::open(args.drain_buffer)?;
+        let buf = mib(rig.granted);
+        for &(batches, kind, holds) in &phases {
+            let p = rig.phase(batches, kind, n as u64, false)?;
+            let what = format!("{} [{buf}, reader paused]", kind_name(kind));
+            check_phase(rep, &p, &what, n, holds);
+            let id = format!("events.drain.{}", kind_name(kind).to_lowercase());
+            let bytes_per_event = p.queued_bytes as f64 / n as f64;
+            if kind == CtEventKind::New {
+                per_event.push(bytes_per_event);
+            }
+            let per_event_us = |secs: f64| secs * 1e6 / p.intake.matched.max(1) as f64;
+            let rows: [(&str, &str, &'static str, f64); 6] = [
+                (
+                    "kernel_rate",
+                    "kernel rate, 2 writers, idle listener",
+                    "flows/s",
+                    rate(n, p.write.secs()),
+                ),
+                (
+                    "queued_bytes",
+                    "receive buffer used per queued event",
+                    "B/event",
+                    bytes_per_event,
+                ),
+                (
+                    "drain_rate",
+                    "reader alone: events applied/s",
+                    "events/s",
+                    p.applied_rate(),
+                ),
+                (
+                    "next_batch_us",
+                    "reader: in EventSource::next_batch, per event",
+                    "us",
+                    per_event_us(p.intake.batch_secs),
+                ),
+                (
+                    "apply_us",
+                    "reader: in Mirror::event, per event",
+                    "us",
+                    per_event_us(p.intake.apply_secs),
+                ),
+                (
+                    "lost",
+                    "events missing at the end",
+                    "events",
+                    n as f64 - p.intake.matched as f64,
+                ),
+            ];
+            for (key, label, unit, v) in rows {
+                series.push(&format!("{id}.{key}"), &format!("{what} {label}"), unit, v);
+            }
+            eprintln!(
+                "[events] run {}/{} {what}: kernel {} flows/s, {:.0} B/event queued, drained at {} events/s",
+                run + 1,
+                args.runs,
+                thousands(rate(n, p.write.secs())),
+                bytes_per_event,
+                thousands(p.applied_rate())
+            );
+        }
+    }
+    for run in 0..args.runs {
+        for (batch, label) in [
+            (1, "raw reader alone: recv() per datagram, count only"),
+            (64, "raw reader alone: recvmmsg(64), count only"),
+        ] {
+            let ns = Netns::create()?;
+            let buffer = args.drain_buffer;
+            let listener = ns
+                .run(move || RawNl::listener(buffer))?
+                .context("opening a raw event socket")?;
+            let socks = raw_writers(&ns, 2)?;
+            raw_write(&socks, &creates, &Barrier::new(socks.len()))?;
+            let t0 = Instant::now();
+            let (msgs, overruns) = raw_drain(&listener, batch)?;
+            let r = rate(msgs as usize, t0.elapsed().as_secs_f64());
+            if msgs != n as u64 || overruns > 0 {
+                rep.note(format!(
+                    "events raw drain (batch {batch}): {msgs} of {n} events, {overruns} overruns"
+                ));
+            }
+            series.push(
+                &format!("events.drain.raw_batch{batch}.drain_rate"),
+                &format!("NEW [{}] {label}", mib(args.drain_buffer)),
+                "events/s",
+                r,
+            );
+            eprintln!(
+                "[events] run {}/{} raw drain, batch {batch}: {} events/s",
+                run + 1,
+                args.runs,
+                thousands(r)
+            );
+        }
+    }
+    let per_event = median(&per_event);
+    for &bufsize in &args.event_buffer {
+        series.push(
+            &format!("events.capacity.{}", mib(bufsize).replace(' ', "")),
+            &format!("NEW events a {} buffer holds (from B/event)", mib(bufsize)),
+            "events",
+            bufsize as f64 / per_event,
+        );
+    }
+    series.report(rep, "events");
+    Ok(())
+}

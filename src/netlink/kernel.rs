@@ -305,8 +305,9 @@ fn op_name(op: WriteOp) -> &'static str {
 
 /// Batched writer: many requests per system call, every per-flow error reported.
 ///
-/// Several sockets let several threads feed the kernel at once; conntrack insertion takes
-/// per-bucket locks, so it scales with cores.
+/// Several sockets let several threads work at once. The kernel serialises ctnetlink requests
+/// on one mutex, so a second socket does not make the kernel faster; it overlaps one thread's
+/// encoding with the other's time in the kernel (about +25% measured with realistic flows).
 #[derive(Debug)]
 pub struct Writer {
     lanes: Vec<Lane>,
