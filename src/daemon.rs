@@ -332,10 +332,23 @@ impl State<'_> {
     }
 
     fn change(&mut self, change: crate::cache::Change) {
-        self.changes += 1;
-        if let Some(r) = &mut self.repl {
-            r.local_change(&change, self.mirror.table());
+        let Some(r) = &mut self.repl else {
+            self.changes += 1;
+            return;
+        };
+        // A standby injecting continuously holds its peers' flows in its kernel. Their events
+        // carry our writer's origin and are never reported, but after an overrun the repair
+        // dump cannot tell whose they are: never hand a peer's own flow back to it.
+        if self.failover.continuous() && self.failover.role() != crate::failover::Role::Primary {
+            let key = match &change {
+                crate::cache::Change::Upsert(k) | crate::cache::Change::Remove(k) => k,
+            };
+            if r.external().origins().any(|(_, o)| o.get(key).is_some()) {
+                return;
+            }
         }
+        self.changes += 1;
+        r.local_change(&change, self.mirror.table());
     }
 
     fn act(&mut self, action: MirrorAction) {

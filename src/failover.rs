@@ -172,6 +172,11 @@ impl Failover {
         (f, rx)
     }
 
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
     /// Whether replicated changes go into the kernel as they arrive.
     pub fn continuous(&self) -> bool {
         self.mode == CommitMode::Continuous
