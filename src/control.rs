@@ -155,7 +155,7 @@ pub struct CacheStatus {
 #[non_exhaustive]
 pub enum ControlError {
     /// The daemon cannot be reached.
-    #[error("cannot connect to ctsyncd at {path}: {source} (is ctsyncd running, and is this the socket of its config?)")]
+    #[error("cannot connect to ctsyncd at {path} (is ctsyncd running, and is this the socket of its config?)")]
     Connect {
         /// The socket path.
         path: PathBuf,

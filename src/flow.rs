@@ -205,6 +205,15 @@ pub fn proto_name(p: u8) -> String {
         proto::ICMPV6 => "icmpv6".into(),
         proto::SCTP => "sctp".into(),
         proto::UDPLITE => "udplite".into(),
+        2 => "igmp".into(),
+        4 => "ipip".into(),
+        41 => "ipv6".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        89 => "ospf".into(),
+        103 => "pim".into(),
+        112 => "vrrp".into(),
+        115 => "l2tp".into(),
         other => format!("proto{other}"),
     }
 }

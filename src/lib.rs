@@ -29,3 +29,17 @@ pub mod replication;
 pub mod sync;
 pub mod transport;
 pub mod wire;
+
+/// An error and its causes on one line, each cause once (messages that already quote their
+/// cause are not repeated): what the binaries print.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}

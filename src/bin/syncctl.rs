@@ -100,8 +100,15 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(code) => code,
+        // `syncctl … | head` closing the pipe early is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("syncctl: {e:#}");
+            eprintln!("syncctl: {}", ctsync::report(&e));
             ExitCode::from(2)
         }
     }
