@@ -563,7 +563,7 @@ fn burst_250k_default_config() {
     let synced = daemon.wait_synced(Duration::from_secs(30));
     assert_eq!(
         synced["kernel"]["event_buffer_bytes"].as_u64(),
-        Some(64 << 20),
+        Some(ctsync::config::DEFAULT_EVENT_BUFFER as u64),
         "default event buffer: {synced}"
     );
 

@@ -113,6 +113,13 @@ impl OriginCache {
             self.above.clear();
             self.snapshot = None;
             self.snapshots_completed = 0;
+            // Change counters restart with the origin: anything it says from now on is newer
+            // than what it said before, whatever the numbers.
+            for f in self.flows.iter_mut() {
+                f.version = 0;
+            }
+            self.tombstones.clear();
+            self.tombstone_order.clear();
         }
     }
 
