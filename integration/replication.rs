@@ -852,6 +852,106 @@ fn restarted_origin_replaces_its_flows() {
     );
 }
 
+/// After A restarts (new epoch, its change counter starts again from 1), its live changes must
+/// still reach B: flows A deletes must disappear from B, flows A changes must change in B,
+/// also when A's previous run had counted more changes than its new one has so far.
+#[test]
+fn changes_after_origin_restart_are_applied() {
+    if !require_root() {
+        return;
+    }
+    let _serial = exclusive();
+    const N: usize = 20_000;
+    const LATE: usize = 2_000;
+    let since = Instant::now();
+    let mut p = Pair::start();
+    let initial = flows::mixed(N);
+    inject(&p.a_ns, &initial);
+    // Every flow changes once while fwa runs: its previous run counts about 2N changes.
+    let once: Vec<Flow> = initial.iter().map(flows::modified).collect();
+    let upd = kernel::writer(&p.a_ns, 2).upsert(&once).expect("upsert");
+    assert!(
+        upd.updated == N as u64 && upd.failures.is_empty(),
+        "{}",
+        kernel::describe(&upd)
+    );
+    wait_replicated(
+        &p.b,
+        "fwa",
+        &p.a_ns,
+        &["fwa"],
+        Slack::Since(since),
+        REPLICATION_DEADLINE,
+    );
+
+    let exit = p.a.restart();
+    assert!(exit.success(), "fwa exited with {exit} on SIGTERM");
+    let t_restarted = Instant::now();
+    wait_ready(&p.b, &["fwa"], READY_DEADLINE);
+    wait_replicated(
+        &p.b,
+        "fwa",
+        &p.a_ns,
+        &["fwa"],
+        Slack::Since(since),
+        RESYNC_DEADLINE,
+    );
+
+    // Live changes of the new run.
+    let step = N / LATE;
+    let late_gone: Vec<Flow> = once.iter().step_by(step).cloned().collect();
+    let late_changed: Vec<Flow> = once
+        .iter()
+        .skip(1)
+        .step_by(step)
+        .map(flows::modified)
+        .collect();
+    delete(&p.a_ns, &late_gone);
+    let upd = kernel::writer(&p.a_ns, 2)
+        .upsert(&late_changed)
+        .expect("upsert");
+    assert!(
+        upd.updated == LATE as u64 && upd.failures.is_empty(),
+        "{}",
+        kernel::describe(&upd)
+    );
+    let t_changed = Instant::now();
+    let r = wait_replicated(
+        &p.b,
+        "fwa",
+        &p.a_ns,
+        &["fwa"],
+        Slack::Since(since),
+        RESYNC_DEADLINE,
+    );
+    let expected: Vec<Flow> = {
+        let skip: HashSet<_> = late_gone
+            .iter()
+            .chain(&late_changed)
+            .map(|f| f.key)
+            .collect();
+        once.iter()
+            .filter(|f| !skip.contains(&f.key))
+            .chain(&late_changed)
+            .map(as_created)
+            .collect()
+    };
+    compare::diff(
+        "fwa's table",
+        &expected,
+        "fwb's external cache",
+        &external_of(&r.entries, "fwa"),
+        timeout_slack(since),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "changes_after_origin_restart_are_applied: fwa restarted {:.2} s before {LATE} deletions \
+         and {LATE} changes; fwb's external cache {}",
+        secs(t_changed - t_restarted),
+        r.timing(t_changed, "the changes")
+    );
+}
+
 /// Acceptance: three nodes in a full mesh, each with its own flows: every external cache holds
 /// exactly the flows of the two others, by origin, and none of its own.
 #[test]
@@ -1208,9 +1308,29 @@ fn foreign_ca_and_plaintext_peers_are_refused() {
         "{a_st}"
     );
 
+    // Between two observations neither: fwa's log never reports a connection with them.
+    let a_log = a.log();
+    for i in &intruders {
+        let n = i.daemon.node_id();
+        let (plain, quoted) = (format!("peer={n} "), format!("peer=\"{n}\""));
+        let connected: Vec<&str> = a_log
+            .lines()
+            .filter(|l| {
+                l.contains(&plain) || l.contains(&quoted) || l.ends_with(&plain[..plain.len() - 1])
+            })
+            .filter(|l| l.contains("peer connected") || l.contains("connected to peer"))
+            .collect();
+        assert!(
+            connected.is_empty(),
+            "fwa's log reports a connection with intruder {n}: {connected:?}"
+        );
+    }
+    let b_lines = log_lines(&a_log, &["peer connected peer=fwb"]);
+    assert!(!b_lines.is_empty(), "fwa's log never reports fwb connected");
+
     // What the logs say about the refusals.
     let names: Vec<&str> = intruders.iter().map(|i| i.daemon.node_id()).collect();
-    let lines = log_lines(&a.log(), &names);
+    let lines = log_lines(&a_log, &names);
     println!(
         "foreign_ca_and_plaintext_peers_are_refused: {observations} observations over {:.0} s, no \
          intruder connected; fwa's log lines about them ({}):",

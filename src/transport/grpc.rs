@@ -581,6 +581,7 @@ async fn dial_loop(
     let mut shutdown = shared.shutdown.clone();
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u32;
+    let mut last_warned: Option<String> = None;
     loop {
         if shared.shutting_down() || shared.events.is_closed() {
             return;
@@ -604,11 +605,16 @@ async fn dial_loop(
         };
         if let Some(error) = error {
             failures += 1;
-            if failures == 1 {
-                warn!(peer, address = %endpoint.uri(), %error, "cannot connect to peer; retrying");
+            // Once per kind of failure: a certificate refusal that follows a streak of
+            // "connection refused" must still reach the operator at warn level.
+            if last_warned.as_deref() != Some(error.as_str()) {
+                warn!(peer, address = %endpoint.uri(), failures, %error, "cannot connect to peer; retrying");
+                last_warned = Some(error);
             } else {
                 debug!(peer, failures, %error, "cannot connect to peer");
             }
+        } else {
+            last_warned = None;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
