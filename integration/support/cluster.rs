@@ -480,23 +480,7 @@ impl Node {
 
     /// Runs `syncctl --socket SOCKET args…`: stdout, or the failure with stderr.
     pub fn syncctl(&self, args: &[&str]) -> Result<Vec<u8>, String> {
-        let out = Command::new(env!("CARGO_BIN_EXE_syncctl"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run syncctl: {e}"))?;
-        if out.status.success() {
-            Ok(out.stdout)
-        } else {
-            Err(format!(
-                "syncctl {args:?} on {} failed ({}): {}{}",
-                self.id,
-                out.status,
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        super::daemon::syncctl_at(&self.socket, args).map_err(|e| format!("{}: {e}", self.id))
     }
 
     /// `syncctl status --json`.

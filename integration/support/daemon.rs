@@ -34,6 +34,26 @@ pub struct Daemon {
     dir: TempDir,
 }
 
+/// Runs `syncctl --socket SOCKET args…`: its stdout, or the exit status with stdout and stderr.
+pub fn syncctl_at(socket: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+    let out = Command::new(syncctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run syncctl: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(format!(
+            "syncctl {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Path of the `syncctl` binary cargo built for this test run.
 pub fn syncctl_bin() -> &'static str {
     env!("CARGO_BIN_EXE_syncctl")
@@ -161,21 +181,7 @@ impl Daemon {
 
     /// Runs `syncctl --socket PATH args…`; its stdout, or stderr and exit status on failure.
     pub fn syncctl(&self, args: &[&str]) -> Result<Vec<u8>, String> {
-        let out = Command::new(syncctl_bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run syncctl: {e}"))?;
-        if out.status.success() {
-            Ok(out.stdout)
-        } else {
-            Err(format!(
-                "syncctl {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        syncctl_at(&self.socket, args)
     }
 
     /// `syncctl status --json`.
