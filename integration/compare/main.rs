@@ -1,0 +1,606 @@
+//! `ctsync-compare`: ctsync and conntrackd side by side, on the same work, in the same run.
+//!
+//! Every measurement builds two firewall namespaces, A and B, joined by a sync link (a veth
+//! pair, its traffic untracked), starts one daemon of the same implementation in each, and then:
+//! - **replication**: creates N flows in A's kernel as fast as the kernel takes them, and times
+//!   until B's external cache holds all N (total, and the tail after A's kernel was done);
+//! - **commit**: B writes its external cache into its kernel; B's table is then dumped and
+//!   compared key by key with the N flows (completeness);
+//! - **resync**: B is stopped, its kernel table emptied, B started again: time until its
+//!   external cache holds N again;
+//! - **delete burst**: the N flows are deleted from A's kernel: time until B's cache is empty;
+//! - CPU seconds (user + system, both nodes, the whole scenario) and peak RSS of each daemon;
+//! - **loss**: the replication again with 10% of the packets dropped at each end of the sync
+//!   link (nft `numgen random`), completeness checked after a commit;
+//! - **latency**: both daemons injecting as flows arrive (ctsync `continuous`, conntrackd
+//!   `DisableExternalCache`), flows created in A at a steady rate; a listener in B's namespace
+//!   timestamps each flow's arrival in B's kernel: A's kernel to B's kernel, per flow.
+//!
+//! A raw batched netlink writer (minimal messages) creating the same N flows in an empty table
+//! is measured in the same run: the kernel's own floor for a commit.
+//!
+//! Figures go to stdout (a table, or JSON with `--json`); progress to stderr. Namespaces are
+//! `ctsb-<pid>-<n>` and removed on every path, daemons are our children and stopped by pid.
+
+#[path = "../bench/flows.rs"]
+#[allow(dead_code)]
+mod flows;
+#[path = "../bench/lab.rs"]
+#[allow(dead_code)]
+mod lab;
+#[path = "../bench/rawnl.rs"]
+#[allow(dead_code)]
+mod rawnl;
+
+mod daemons;
+mod report;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use ctsync::flow::{Flow, Tuple};
+use ctsync::netlink::{self, CtEventKind, CtSocket, EventSource, KernelEvent, Origins, Writer};
+use daemons::{Daemon, Kind, Mode};
+use lab::Netns;
+use report::{Report, Sample};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a daemon's cache is polled while waiting for it.
+const POLL: Duration = Duration::from_millis(2);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ctsync-compare",
+    about = "ctsync against conntrackd (FTFW over UDP) on the same work, in the same run"
+)]
+pub struct Args {
+    /// Flow counts to measure (comma-separated; each must stay below nf_conntrack_max).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,250000")]
+    flows: Vec<usize>,
+    /// Repetitions of every measurement; medians and min–max are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Implementations to run (default: both; conntrackd is skipped with a message when it
+    /// is not installed).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Kind>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Skip the 10%-loss replication.
+    #[arg(long)]
+    no_loss: bool,
+    /// Flow counts for the loss measurement (default: the same as --flows).
+    #[arg(long, value_delimiter = ',')]
+    loss_flows: Vec<usize>,
+    /// Skip the steady-rate latency measurement.
+    #[arg(long)]
+    no_latency: bool,
+    /// Flows per second of the latency measurement.
+    #[arg(long, default_value_t = 10_000)]
+    latency_rate: usize,
+    /// Seconds of the latency measurement.
+    #[arg(long, default_value_t = 5)]
+    latency_secs: usize,
+    /// Give up waiting for a cache after this many seconds (completeness is then below 1).
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Keep the daemons' configs and logs in this directory (default: a temporary one,
+    /// removed at the end).
+    #[arg(long)]
+    keep: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ctsync-compare: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The sync-link interface of node 0 and node 1 (each inside its own namespace).
+pub fn link_name(node: usize) -> &'static str {
+    ["ctcmp-a", "ctcmp-b"][node]
+}
+
+fn run(args: &Args) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "must run as root: it creates network namespaces and runs daemons in them \
+         (try: sudo integration/compare.sh)"
+    );
+    ensure!(args.runs > 0, "--runs must be positive");
+    ensure!(!args.flows.is_empty(), "--flows needs at least one count");
+    ensure!(
+        args.latency_rate >= 1000,
+        "--latency-rate must be at least 1000 flows/s"
+    );
+    lab::install_signal_cleanup()?;
+    if lab::remove_stale_namespaces() {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let max = {
+        let ns = Netns::create()?;
+        ns.run(|| lab::read_sysctl("nf_conntrack_max"))?
+            .context("reading nf_conntrack_max")?
+    };
+    let loss_flows = if args.loss_flows.is_empty() {
+        args.flows.clone()
+    } else {
+        args.loss_flows.clone()
+    };
+    let latency_flows = args.latency_rate * args.latency_secs;
+    for &n in args.flows.iter().chain(&loss_flows).chain([&latency_flows]) {
+        ensure!(
+            n > 0 && (n as u64) < max,
+            "{n} flows do not fit in nf_conntrack_max {max}"
+        );
+        ensure!(
+            n < 1 << 24,
+            "{n} flows: tuples are derived from the flow number, below 2^24"
+        );
+    }
+
+    let mut report = Report::new(args, max);
+    let kinds = kinds(args, &mut report);
+    let base = match &args.keep {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("ctsync-compare-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    daemons::make_pki(&base)?;
+
+    let largest = args
+        .flows
+        .iter()
+        .chain(&loss_flows)
+        .chain([&latency_flows])
+        .max();
+    let all: Vec<Flow> = (0..*largest.unwrap_or(&0))
+        .map(flows::realistic_flow)
+        .collect();
+    for run in 0..args.runs {
+        for &n in &args.flows {
+            let sample = raw_commit(&all[..n])?;
+            report.add("raw", n, sample);
+            for &kind in &kinds {
+                eprintln!(
+                    "[run {}/{}] {} with {n} flows",
+                    run + 1,
+                    args.runs,
+                    kind.name()
+                );
+                let s = scenario(kind, &all[..n], &base, args)
+                    .with_context(|| format!("{} with {n} flows", kind.name()))?;
+                report.add(kind.name(), n, s);
+            }
+        }
+        if !args.no_loss {
+            for &n in &loss_flows {
+                for &kind in &kinds {
+                    eprintln!(
+                        "[run {}/{}] {} with {n} flows, 10% loss",
+                        run + 1,
+                        args.runs,
+                        kind.name()
+                    );
+                    let s = lossy(kind, &all[..n], &base, args)
+                        .with_context(|| format!("{} with {n} flows and loss", kind.name()))?;
+                    report.add(kind.name(), n, s);
+                }
+            }
+        }
+        if !args.no_latency {
+            for &kind in &kinds {
+                eprintln!(
+                    "[run {}/{}] {} latency at {} flows/s",
+                    run + 1,
+                    args.runs,
+                    kind.name(),
+                    args.latency_rate
+                );
+                let s = latency(kind, &all[..latency_flows], &base, args)
+                    .with_context(|| format!("{} latency", kind.name()))?;
+                report.add(kind.name(), 0, s);
+            }
+        }
+    }
+    if args.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+    report.finish();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.json())?);
+    } else {
+        report.print_table();
+    }
+    Ok(())
+}
+
+fn kinds(args: &Args, report: &mut Report) -> Vec<Kind> {
+    let mut kinds = if args.only.is_empty() {
+        vec![Kind::Ctsync, Kind::Conntrackd]
+    } else {
+        args.only.clone()
+    };
+    if kinds.contains(&Kind::Conntrackd) {
+        match conntrackd_version() {
+            Some(v) => report.meta_conntrackd(v),
+            None => {
+                report.note(
+                    "conntrackd is not installed (Debian: apt-get install conntrackd): it is \
+                     skipped, and no ratio can be given"
+                        .into(),
+                );
+                kinds.retain(|k| *k != Kind::Conntrackd);
+            }
+        }
+    }
+    kinds
+}
+
+fn conntrackd_version() -> Option<String> {
+    let out = Command::new("conntrackd")
+        .arg("-v")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .find(|l| l.contains("Connection tracking userspace daemon"))
+        .map(|l| l.trim().to_string())
+}
+
+// --- the lab -------------------------------------------------------------------------------
+
+/// Two firewall namespaces joined by the sync link.
+struct Pair {
+    ns: [Netns; 2],
+    dir: PathBuf,
+}
+
+impl Pair {
+    fn new(base: &Path, loss: bool) -> Result<Pair> {
+        let ns = [Netns::create()?, Netns::create()?];
+        lab::ip(&[
+            "link",
+            "add",
+            link_name(0),
+            "netns",
+            &ns[0].name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            link_name(1),
+            "netns",
+            &ns[1].name,
+        ])?;
+        for (i, n) in ns.iter().enumerate() {
+            let addr = format!("{}/30", daemons::LINK_ADDR[i]);
+            lab::ip(&["-n", &n.name, "addr", "add", &addr, "dev", link_name(i)])?;
+            lab::ip(&["-n", &n.name, "link", "set", link_name(i), "up"])?;
+            lab::ip(&["-n", &n.name, "link", "set", "lo", "up"])?;
+            nft(&n.name, &link_rules(link_name(i), loss))?;
+        }
+        let dir = base.join(&ns[0].name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Pair { ns, dir })
+    }
+
+    /// Starts both daemons and waits until replication is up.
+    fn daemons(&self, kind: Kind, mode: Mode) -> Result<(Daemon, Daemon)> {
+        let a = Daemon::start(kind, &self.ns[0], 0, mode, &self.dir)?;
+        let b = Daemon::start(kind, &self.ns[1], 1, mode, &self.dir)?;
+        let t0 = Instant::now();
+        while !(a.ready() && b.ready()) {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(60),
+                "replication did not come up in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok((a, b))
+    }
+}
+
+/// The sync link's traffic is not tracked (it would be replicated and counted otherwise);
+/// with `loss`, 10% of the packets arriving on it are dropped.
+fn link_rules(link: &str, loss: bool) -> String {
+    let drop = if loss {
+        format!(
+            "chain lossy {{ type filter hook prerouting priority -250; policy accept; \
+             iifname \"{link}\" numgen random mod 100 < 10 drop; }}\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "table inet ctsync_compare {{\n\
+         chain pre {{ type filter hook prerouting priority -300; policy accept; iifname \"{link}\" notrack; }}\n\
+         chain out {{ type filter hook output priority -300; policy accept; oifname \"{link}\" notrack; }}\n\
+         {drop}}}\n"
+    )
+}
+
+fn nft(ns: &str, rules: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (apt-get install nftables)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nft in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn writer(ns: &Netns, sockets: usize) -> Result<Writer> {
+    ns.run(move || Writer::open(sockets, &Origins::new()))?
+        .context("opening a writer")
+}
+
+/// What identifies a flow across both implementations: the zone id and the original tuple
+/// (conntrackd does not replicate the zone's direction).
+type Key = (u16, Tuple);
+
+fn key(f: &Flow) -> Key {
+    (f.key.zone.id, f.key.orig)
+}
+
+/// How many of `flows` are in the namespace's kernel table.
+fn kernel_matches(ns: &Netns, flows: &[Flow]) -> Result<usize> {
+    let keys: HashSet<Key> = ns.run(|| {
+        let sock = CtSocket::open()?;
+        let mut keys = HashSet::new();
+        netlink::dump(&sock, |m| {
+            keys.insert(key(&m.flow));
+        })?;
+        Ok::<_, anyhow::Error>(keys)
+    })??;
+    Ok(flows.iter().filter(|f| keys.contains(&key(f))).count())
+}
+
+/// Polls `d`'s external cache until it holds `target` flows or the timeout passes; returns
+/// when it did (None on timeout) and the last count seen.
+fn wait_count(d: &Daemon, target: u64, timeout: Duration) -> Result<(Option<Instant>, u64)> {
+    let t0 = Instant::now();
+    loop {
+        let n = d.external_count()?;
+        if n == target {
+            return Ok((Some(Instant::now()), n));
+        }
+        if t0.elapsed() > timeout {
+            return Ok((None, n));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn secs_since(t0: Instant, t: Option<Instant>) -> f64 {
+    t.map_or(f64::NAN, |t| (t - t0).as_secs_f64())
+}
+
+fn ms_since(t0: Instant, t: Option<Instant>) -> f64 {
+    secs_since(t0, t) * 1e3
+}
+
+// --- scenarios -----------------------------------------------------------------------------
+
+/// Replication, commit, resync, delete burst, CPU and memory, on one fresh pair.
+fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Sample> {
+    let n = flows.len();
+    let timeout = Duration::from_secs(args.timeout);
+    let mut s = Sample::default();
+    let pair = Pair::new(base, false)?;
+    let (mut a, mut b) = pair.daemons(kind, Mode::Cache)?;
+    s.set("idle_rss_a_mib", a.idle_rss as f64 / (1 << 20) as f64);
+    s.set("idle_rss_b_mib", b.idle_rss as f64 / (1 << 20) as f64);
+    let mut w = writer(&pair.ns[0], 2)?;
+
+    let t0 = Instant::now();
+    let rep = w.upsert(flows)?;
+    let t1 = Instant::now();
+    ensure!(
+        rep.failures.is_empty() && rep.created == n as u64,
+        "A's kernel refused flows: {} created, first failures {:?}",
+        rep.created,
+        &rep.failures[..rep.failures.len().min(3)]
+    );
+    let (done, seen) = wait_count(&b, n as u64, timeout)?;
+    s.set("fill_s", (t1 - t0).as_secs_f64());
+    s.set("replication_s", secs_since(t0, done));
+    s.set("replication_tail_ms", ms_since(t1, done));
+    s.set("replication_completeness", seen as f64 / n as f64);
+
+    let commit = b.commit()?;
+    s.set("commit_s", commit.as_secs_f64());
+    s.set(
+        "commit_completeness",
+        kernel_matches(&pair.ns[1], flows)? as f64 / n as f64,
+    );
+
+    b.stop();
+    pair.ns[1].run(rawnl::raw_flush)??;
+    let t0 = Instant::now();
+    b.restart()?;
+    let (done, seen) = wait_count(&b, n as u64, timeout)?;
+    s.set("resync_s", secs_since(t0, done));
+    s.set("resync_completeness", seen as f64 / n as f64);
+
+    let t0 = Instant::now();
+    let rep = w.delete(flows)?;
+    let t1 = Instant::now();
+    ensure!(
+        rep.failures.is_empty(),
+        "A's kernel refused deletions: {:?}",
+        &rep.failures[..1]
+    );
+    let (done, seen) = wait_count(&b, 0, timeout)?;
+    s.set("delete_s", secs_since(t0, done));
+    s.set("delete_tail_ms", ms_since(t1, done));
+    s.set("delete_completeness", 1.0 - seen as f64 / n as f64);
+
+    let (ua, ub) = (a.usage(), b.usage());
+    a.stop();
+    b.stop();
+    s.set("cpu_a_s", ua.cpu_secs);
+    s.set("cpu_b_s", ub.cpu_secs);
+    s.set("cpu_s", ua.cpu_secs + ub.cpu_secs);
+    s.set("peak_rss_a_mib", ua.peak_rss as f64 / (1 << 20) as f64);
+    s.set("peak_rss_b_mib", ub.peak_rss as f64 / (1 << 20) as f64);
+    s.set("rss_per_flow_a_b", ua.peak_rss as f64 / n as f64);
+    s.set("rss_per_flow_b_b", ub.peak_rss as f64 / n as f64);
+    Ok(s)
+}
+
+/// Replication with 10% loss each way on the sync link; completeness checked in B's kernel
+/// after a commit.
+fn lossy(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Sample> {
+    let n = flows.len();
+    let mut s = Sample::default();
+    let pair = Pair::new(base, true)?;
+    let (_a, b) = pair.daemons(kind, Mode::Cache)?;
+    let mut w = writer(&pair.ns[0], 2)?;
+    let t0 = Instant::now();
+    let rep = w.upsert(flows)?;
+    ensure!(rep.failures.is_empty(), "A's kernel refused flows");
+    let (done, seen) = wait_count(&b, n as u64, Duration::from_secs(args.timeout))?;
+    s.set("loss_replication_s", secs_since(t0, done));
+    s.set("loss_replication_completeness", seen as f64 / n as f64);
+    b.commit()?;
+    s.set(
+        "loss_commit_completeness",
+        kernel_matches(&pair.ns[1], flows)? as f64 / n as f64,
+    );
+    Ok(s)
+}
+
+/// Flows created in A at a steady rate, timed from A's kernel to B's kernel, both daemons
+/// injecting as flows arrive.
+fn latency(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Sample> {
+    let pair = Pair::new(base, false)?;
+    let (_a, _b) = pair.daemons(kind, Mode::Inject)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut source = pair.ns[1]
+        .run(|| EventSource::open(64 << 20, Origins::new()))??
+        .0;
+    let listener = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen: HashMap<Key, Instant> = HashMap::new();
+            let mut overruns = 0u64;
+            let mut batch = Vec::with_capacity(1024);
+            while !stop.load(Ordering::Relaxed) {
+                batch.clear();
+                if source.next_batch(&mut batch, 1024).is_err() {
+                    break;
+                }
+                let now = Instant::now();
+                for ev in batch.drain(..) {
+                    match ev {
+                        KernelEvent::Flow { msg, .. } if msg.kind == CtEventKind::New => {
+                            seen.entry(key(&msg.flow)).or_insert(now);
+                        }
+                        KernelEvent::Overrun => overruns += 1,
+                        _ => {}
+                    }
+                }
+            }
+            (seen, overruns)
+        })
+    };
+    let mut w = writer(&pair.ns[0], 1)?;
+    let per_ms = (args.latency_rate / 1000).max(1);
+    let t0 = Instant::now();
+    let mut created_at = Vec::with_capacity(flows.len());
+    for (i, chunk) in flows.chunks(per_ms).enumerate() {
+        let due = t0 + Duration::from_millis(i as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let rep = w.upsert(chunk)?;
+        ensure!(rep.failures.is_empty(), "A's kernel refused flows");
+        let now = Instant::now();
+        created_at.extend(chunk.iter().map(|f| (key(f), now)));
+    }
+    let sent_s = t0.elapsed().as_secs_f64();
+    // Stragglers: wait until B's kernel holds them all, or 5 s.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && pair.ns[1].run(|| lab::read_sysctl("nf_conntrack_count"))?? < flows.len() as u64
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (seen, overruns) = listener
+        .join()
+        .map_err(|_| anyhow::anyhow!("listener thread panicked"))?;
+    if overruns > 0 {
+        bail!("B's listener overran {overruns} times: latencies would be incomplete");
+    }
+    let mut lat: Vec<f64> = created_at
+        .iter()
+        .filter_map(|(k, t)| {
+            seen.get(k)
+                .map(|r| r.saturating_duration_since(*t).as_secs_f64() * 1e3)
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let mut s = Sample::default();
+    s.set("latency_rate_per_s", flows.len() as f64 / sent_s);
+    s.set(
+        "latency_completeness",
+        lat.len() as f64 / flows.len() as f64,
+    );
+    for (name, q) in [
+        ("latency_p50_ms", 0.5),
+        ("latency_p90_ms", 0.9),
+        ("latency_p99_ms", 0.99),
+        ("latency_p999_ms", 0.999),
+    ] {
+        s.set(name, report::quantile(&lat, q));
+    }
+    s.set("latency_max_ms", lat.last().copied().unwrap_or(f64::NAN));
+    Ok(s)
+}
+
+/// The kernel's floor for a commit: a raw batched writer (two sockets, minimal messages)
+/// creating the same N flows in an empty table.
+fn raw_commit(flows: &[Flow]) -> Result<Sample> {
+    let ns = Netns::create()?;
+    let k = 2;
+    let batches = rawnl::split_batches(flows, k, rawnl::raw_create);
+    let socks = rawnl::raw_writers(&ns, k)?;
+    let barrier = std::sync::Barrier::new(k);
+    let t = rawnl::raw_write(&socks, &batches, &barrier)?;
+    ensure!(
+        t.outcome.errors == 0,
+        "raw writer: {} errors",
+        t.outcome.errors
+    );
+    let mut s = Sample::default();
+    s.set("raw_commit_s", t.secs());
+    Ok(s)
+}
