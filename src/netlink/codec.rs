@@ -1,24 +1,17 @@
 //! The ctnetlink codec: netlink messages to and from [`Flow`].
 //!
 //! Decoding walks attributes in place with netlink-packet-core's `NlasIterator` (no allocation per
-//! attribute: the event path must keep up with the kernel). Encoding builds netlink-packet-netfilter
-//! messages, with the attributes that crate does not model passed as raw `DefaultNla`s. Unknown
-//! attributes are skipped, never an error: newer kernels add attributes (type 27 on 6.18).
+//! attribute: the event path must keep up with the kernel). Unknown attributes are skipped, never
+//! an error: newer kernels add attributes (type 27 on 6.18). Encoding appends headers and
+//! attributes straight into the caller's buffer, patching lengths in afterwards (no allocation
+//! per message either: the writer batches hundreds of thousands of them).
 
 use super::attr::{self, cta};
 use crate::flow::{
     proto, status, Flow, FlowKey, Present, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple,
     Zone, ZoneDir, L4,
 };
-use netlink_packet_core::{
-    DefaultNla, Emitable, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
-    NlaBuffer, NlasIterator, NLA_F_NESTED, NLA_TYPE_MASK,
-};
-use netlink_packet_netfilter::conntrack::{
-    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo as NfProtoInfo, ProtoInfoTCP,
-    ProtoTuple, Protocol, Status, TCPFlags, Tuple as NfTuple,
-};
-use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_packet_core::{NetlinkBuffer, NlaBuffer, NlasIterator, NLA_F_NESTED, NLA_TYPE_MASK};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Why a message could not be decoded.
@@ -94,7 +87,7 @@ pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<RawMessage<'_>, Codec
     })
 }
 
-fn align4(n: usize) -> usize {
+const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
@@ -423,12 +416,6 @@ fn decode_labels(v: &[u8]) -> Result<u128, CodecError> {
     Ok(labels)
 }
 
-fn encode_labels(labels: u128) -> Vec<u8> {
-    (0..4)
-        .flat_map(|i| ((labels >> (32 * i)) as u32).to_ne_bytes())
-        .collect()
-}
-
 fn decode_protoinfo(v: &[u8]) -> Result<ProtoInfo, CodecError> {
     let mut info = ProtoInfo::None;
     for item in nested(v) {
@@ -563,250 +550,340 @@ pub enum WriteOp {
 ///
 /// `ack` asks the kernel to confirm success too; errors are always reported.
 pub fn encode_write(buf: &mut Vec<u8>, op: WriteOp, flow: &Flow, seq: u32, ack: bool) {
-    let (attrs, msg, flags) = match op {
-        WriteOp::Create => (
-            create_attrs(flow),
-            ConntrackMessage::New as fn(_) -> _,
-            attr::NLM_F_CREATE | attr::NLM_F_EXCL,
-        ),
-        WriteOp::Update => (
-            update_attrs(flow, true),
-            ConntrackMessage::New as fn(_) -> _,
-            0,
-        ),
-        WriteOp::UpdateWithoutLabels => (
-            update_attrs(flow, false),
-            ConntrackMessage::New as fn(_) -> _,
-            0,
-        ),
-        WriteOp::Delete => (
-            key_attrs(&flow.key),
-            ConntrackMessage::Delete as fn(_) -> _,
-            0,
-        ),
+    let (msg_type, flags) = match op {
+        WriteOp::Create => (attr::MSG_CT_NEW, attr::NLM_F_CREATE | attr::NLM_F_EXCL),
+        WriteOp::Update | WriteOp::UpdateWithoutLabels => (attr::MSG_CT_NEW, 0),
+        WriteOp::Delete => (attr::MSG_CT_DELETE, 0),
     };
     let flags = attr::NLM_F_REQUEST | flags | if ack { attr::NLM_F_ACK } else { 0 };
-    emit_message(buf, family(&flow.key.orig), msg(attrs), flags, seq);
+    let header = Header {
+        msg_type,
+        flags,
+        seq,
+        family: family(&flow.key.orig),
+    };
+    let mut w = MessageWriter::begin(buf, max_len(flow), header);
+    match op {
+        WriteOp::Create => create_attrs(&mut w, flow),
+        WriteOp::Update => update_attrs(&mut w, flow, true),
+        WriteOp::UpdateWithoutLabels => update_attrs(&mut w, flow, false),
+        WriteOp::Delete => key_attrs(&mut w, &flow.key),
+    }
+    w.finish();
 }
 
 /// Appends `flow` as the kernel itself would report it: a full entry with its real reply tuple
 /// (event or dump form). Used to build test input and to measure decoding without a kernel.
 pub fn encode_entry(buf: &mut Vec<u8>, kind: CtEventKind, flow: &Flow, seq: u32) {
-    let mut attrs = key_attrs(&flow.key);
-    let reply_zone = (flow.key.zone.dir == ZoneDir::Reply).then_some(flow.key.zone.id);
-    attrs.push(ConntrackAttribute::CtaTupleReply(tuple_nlas(
-        &flow.reply,
-        reply_zone,
-    )));
-    if let Some(master) = &flow.master {
-        attrs.push(nested_raw(cta::TUPLE_MASTER, &tuple_nlas(master, None)));
-    }
-    if let Some(helper) = &flow.helper {
-        attrs.push(helper_attr(helper));
-    }
-    mutable_attrs(&mut attrs, flow, flow.status, false);
-    let (msg, flags) = match kind {
-        CtEventKind::New => (
-            ConntrackMessage::New(attrs),
-            attr::NLM_F_CREATE | attr::NLM_F_EXCL,
-        ),
-        CtEventKind::Update => (ConntrackMessage::New(attrs), 0),
-        CtEventKind::Destroy => (ConntrackMessage::Delete(attrs), 0),
+    let (msg_type, flags) = match kind {
+        CtEventKind::New => (attr::MSG_CT_NEW, attr::NLM_F_CREATE | attr::NLM_F_EXCL),
+        CtEventKind::Update => (attr::MSG_CT_NEW, 0),
+        CtEventKind::Destroy => (attr::MSG_CT_DELETE, 0),
     };
-    emit_message(buf, family(&flow.key.orig), msg, flags, seq);
+    let header = Header {
+        msg_type,
+        flags,
+        seq,
+        family: family(&flow.key.orig),
+    };
+    let mut w = MessageWriter::begin(buf, max_len(flow), header);
+    key_attrs(&mut w, &flow.key);
+    let reply_zone = (flow.key.zone.dir == ZoneDir::Reply).then_some(flow.key.zone.id);
+    w.tuple(cta::TUPLE_REPLY, &flow.reply, reply_zone);
+    related_attrs(&mut w, flow);
+    mutable_attrs(&mut w, flow, flow.status, false);
+    w.finish();
 }
 
 /// Appends a dump request for the whole table (both families).
 pub fn encode_dump_request(buf: &mut Vec<u8>, seq: u32) {
-    emit_message(
-        buf,
-        NetfilterProtoFamily::Unspec,
-        ConntrackMessage::Get(Vec::new()),
-        attr::NLM_F_REQUEST | attr::NLM_F_DUMP,
+    let header = Header {
+        msg_type: attr::MSG_CT_GET,
+        flags: attr::NLM_F_REQUEST | attr::NLM_F_DUMP,
         seq,
-    );
+        family: AF_UNSPEC,
+    };
+    MessageWriter::begin(buf, MSG_HEADER_LEN, header).finish();
 }
 
-fn emit_message(
-    buf: &mut Vec<u8>,
-    family: NetfilterProtoFamily,
-    msg: ConntrackMessage,
+/// `nfgenmsg.nfgen_family` values: the family of the entry a request is about.
+const AF_UNSPEC: u8 = 0;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+fn family(t: &Tuple) -> u8 {
+    if t.is_ipv6() {
+        AF_INET6
+    } else {
+        AF_INET
+    }
+}
+
+// The size bounds below let an encoder reserve room once and then append without ever growing
+// `buf` mid-message (no allocation at all when the caller's buffer has room).
+
+/// `nlmsghdr` plus `nfgenmsg`.
+const MSG_HEADER_LEN: usize = 16 + 4;
+/// An attribute's own header.
+const NLA_HEADER_LEN: usize = 4;
+
+/// Room an attribute with a `value`-byte payload takes, padding included.
+const fn nla_len(value: usize) -> usize {
+    NLA_HEADER_LEN + align4(value)
+}
+
+/// The largest tuple: IPv6 addresses, three ICMP members after the protocol, a tuple zone.
+const TUPLE_MAX: usize =
+    nla_len(nla_len(2 * nla_len(16)) + nla_len(nla_len(1) + 3 * nla_len(2)) + nla_len(2));
+/// One NAT range: IPv6 minimum and maximum and a port range.
+const NAT_RANGE_MAX: usize = nla_len(2 * nla_len(16) + nla_len(2 * nla_len(2)));
+/// TCP is the largest protocol info (five members, the flags being two bytes each).
+const PROTOINFO_MAX: usize = nla_len(nla_len(3 * nla_len(1) + 2 * nla_len(2)));
+const SEQ_ADJ_DIR_LEN: usize = nla_len(3 * nla_len(4));
+const SYNPROXY_LEN: usize = nla_len(3 * nla_len(4));
+/// Everything but the helper name: the union of what any message form carries.
+const FIXED_MAX: usize = MSG_HEADER_LEN
+    + 3 * TUPLE_MAX // original, reply, master
+    + nla_len(2) // zone
+    + 2 * NAT_RANGE_MAX
+    + 3 * nla_len(4) // status, timeout, mark
+    + nla_len(16) // labels
+    + PROTOINFO_MAX
+    + 2 * SEQ_ADJ_DIR_LEN
+    + SYNPROXY_LEN
+    + 2 * NLA_HEADER_LEN; // the helper nest and its name attribute
+
+/// An upper bound on the size of any message about `flow`.
+fn max_len(flow: &Flow) -> usize {
+    // The name travels NUL-terminated and padded to 4 bytes.
+    FIXED_MAX + flow.helper.as_ref().map_or(0, |h| h.len() + 4)
+}
+
+/// Header fields of a ctnetlink message.
+struct Header {
+    msg_type: u16,
     flags: u16,
     seq: u32,
-) {
-    let payload = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), msg);
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = seq;
-    let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-    nl.finalize();
-    let start = buf.len();
-    buf.resize(start + nl.buffer_len(), 0);
-    nl.serialize(&mut buf[start..]);
-    // netlink-nlmsghdr (16) + nfgenmsg (4), then the attributes.
-    set_nested_flags(&mut buf[start + 20..]);
+    family: u8,
 }
 
-/// Sets `NLA_F_NESTED` on the nests that travel as raw attributes.
-///
-/// netlink-packet-netfilter's `Other` wrappers report themselves as not nested, so the flag
-/// given to their `DefaultNla` is dropped on emit. Kernels ignore it today, but it is part of
-/// the format, and stricter parsers require it.
-fn set_nested_flags(attrs: &mut [u8]) {
-    const RAW_NESTS: [u16; 7] = [
-        cta::NAT_SRC,
-        cta::NAT_DST,
-        cta::TUPLE_MASTER,
-        cta::HELP,
-        cta::SEQ_ADJ_ORIG,
-        cta::SEQ_ADJ_REPLY,
-        cta::SYNPROXY,
-    ];
-    for_each_nla(attrs, |kind, value| {
-        if kind == cta::PROTOINFO {
-            for_each_nla(value, |_, _| true);
-        }
-        RAW_NESTS.contains(&kind) || kind == cta::PROTOINFO
-    });
+/// Appends one netlink message to a buffer in place: headers first, attributes as they come,
+/// lengths patched in when a nest or the message is complete.
+struct MessageWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    start: usize,
 }
 
-/// Walks the attributes of `buf`; sets the nested flag where `nested(kind, value)` says so.
-fn for_each_nla(buf: &mut [u8], mut nested: impl FnMut(u16, &mut [u8]) -> bool) {
-    let mut off = 0;
-    while off + 4 <= buf.len() {
-        let len = usize::from(u16::from_ne_bytes([buf[off], buf[off + 1]]));
-        if len < 4 || off + len > buf.len() {
-            return;
+impl<'a> MessageWriter<'a> {
+    /// Writes the headers, with a length patched in by [`MessageWriter::finish`].
+    ///
+    /// Reserving `room` up front means appending never reallocates: callers pass an upper bound
+    /// of the message size.
+    fn begin(buf: &'a mut Vec<u8>, room: usize, h: Header) -> Self {
+        buf.reserve(room);
+        let start = buf.len();
+        // nlmsghdr: the length is patched in by `finish`; the kernel fills in the port id.
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(&h.msg_type.to_ne_bytes());
+        buf.extend_from_slice(&h.flags.to_ne_bytes());
+        buf.extend_from_slice(&h.seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        // nfgenmsg: family, NFNETLINK_V0, res_id 0 (big endian).
+        buf.extend_from_slice(&[h.family, 0, 0, 0]);
+        MessageWriter { buf, start }
+    }
+
+    /// Sets the message length; every attribute is padded, so the message ends aligned.
+    fn finish(self) {
+        let len = wire_len32(self.buf.len() - self.start);
+        self.buf[self.start..self.start + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    /// One attribute, padded with zeros to 4 bytes (the length field excludes the padding).
+    fn put(&mut self, kind: u16, value: &[u8]) {
+        self.put_header(kind, NLA_HEADER_LEN + value.len());
+        self.buf.extend_from_slice(value);
+        self.pad();
+    }
+
+    fn u8(&mut self, kind: u16, v: u8) {
+        self.put(kind, &[v]);
+    }
+
+    fn be16(&mut self, kind: u16, v: u16) {
+        self.put(kind, &v.to_be_bytes());
+    }
+
+    fn be32(&mut self, kind: u16, v: u32) {
+        self.put(kind, &v.to_be_bytes());
+    }
+
+    fn be64(&mut self, kind: u16, v: u64) {
+        self.put(kind, &v.to_be_bytes());
+    }
+
+    /// A nest with `NLA_F_NESTED`, as the kernel's own `nla_nest_start` writes it: strict
+    /// netlink parsers require the flag.
+    fn nest(&mut self, kind: u16, members: impl FnOnce(&mut Self)) {
+        let at = self.buf.len();
+        self.put_header(kind | NLA_F_NESTED, 0);
+        members(self);
+        // Members end padded, so the nest's length covers the last member's padding.
+        let len = wire_len16(self.buf.len() - at);
+        self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn put_header(&mut self, kind: u16, len: usize) {
+        self.buf.extend_from_slice(&wire_len16(len).to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+    }
+
+    fn pad(&mut self) {
+        let n = align4(self.buf.len() - self.start) - (self.buf.len() - self.start);
+        self.buf.extend_from_slice(&[0; 3][..n]);
+    }
+
+    /// A tuple nest: addresses, protocol with ports or ICMP identifiers, and an optional
+    /// per-direction zone.
+    fn tuple(&mut self, kind: u16, t: &Tuple, zone: Option<u16>) {
+        self.nest(kind, |w| {
+            w.tuple_members(t);
+            if let Some(id) = zone {
+                w.be16(attr::tuple::ZONE, id);
+            }
+        });
+    }
+
+    /// What a tuple nest holds; a master tuple is only this.
+    fn tuple_members(&mut self, t: &Tuple) {
+        self.nest(attr::tuple::IP, |w| w.addresses(t));
+        self.nest(attr::tuple::PROTO, |w| w.l4(t));
+    }
+
+    fn addresses(&mut self, t: &Tuple) {
+        for (addr, v4, v6) in [
+            (t.src, attr::ip::V4_SRC, attr::ip::V6_SRC),
+            (t.dst, attr::ip::V4_DST, attr::ip::V6_DST),
+        ] {
+            match addr {
+                IpAddr::V4(a) => self.put(v4, &a.octets()),
+                IpAddr::V6(a) => self.put(v6, &a.octets()),
+            }
         }
-        let kind = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & NLA_TYPE_MASK;
-        if nested(kind, &mut buf[off + 4..off + len]) {
-            let flagged = (kind | NLA_F_NESTED).to_ne_bytes();
-            buf[off + 2..off + 4].copy_from_slice(&flagged);
+    }
+
+    fn l4(&mut self, t: &Tuple) {
+        use attr::l4 as a;
+        self.u8(a::NUM, t.proto);
+        match t.l4 {
+            L4::None => {}
+            L4::Ports { src, dst } => {
+                self.be16(a::SRC_PORT, src);
+                self.be16(a::DST_PORT, dst);
+            }
+            L4::Icmp { id, kind, code } => {
+                let (a_id, a_type, a_code) = if t.proto == proto::ICMPV6 {
+                    (a::ICMPV6_ID, a::ICMPV6_TYPE, a::ICMPV6_CODE)
+                } else {
+                    (a::ICMP_ID, a::ICMP_TYPE, a::ICMP_CODE)
+                };
+                self.be16(a_id, id);
+                self.u8(a_type, kind);
+                self.u8(a_code, code);
+            }
         }
-        off += align4(len);
     }
 }
 
-fn family(t: &Tuple) -> NetfilterProtoFamily {
-    if t.is_ipv6() {
-        NetfilterProtoFamily::IPv6
-    } else {
-        NetfilterProtoFamily::IPv4
-    }
+/// A length field of the message header. Messages are bounded by [`max_len`]: a few hundred
+/// bytes plus a helper name, far below 4 GiB.
+fn wire_len32(len: usize) -> u32 {
+    len as u32
+}
+
+/// A length field of an attribute header. A nest can only exceed 64 KiB with an absurdly long
+/// helper name, which the kernel refuses anyway (at most 15 bytes); the length then wraps, as it
+/// did with netlink-packet-core's emitter.
+fn wire_len16(len: usize) -> u16 {
+    len as u16
 }
 
 /// Tuple and zone attributes: what identifies the entry to the kernel.
-fn key_attrs(key: &FlowKey) -> Vec<ConntrackAttribute> {
+fn key_attrs(w: &mut MessageWriter<'_>, key: &FlowKey) {
     let orig_zone = (key.zone.dir == ZoneDir::Original).then_some(key.zone.id);
-    let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(
-        &key.orig, orig_zone,
-    ))];
+    w.tuple(cta::TUPLE_ORIG, &key.orig, orig_zone);
     if key.zone.dir == ZoneDir::Both && key.zone.id != 0 {
-        attrs.push(raw(cta::ZONE, key.zone.id.to_be_bytes().to_vec()));
+        w.be16(cta::ZONE, key.zone.id);
     }
-    attrs
 }
 
-fn create_attrs(flow: &Flow) -> Vec<ConntrackAttribute> {
-    let mut attrs = key_attrs(&flow.key);
+fn create_attrs(w: &mut MessageWriter<'_>, flow: &Flow) {
+    key_attrs(w, &flow.key);
     let reply_zone = (flow.key.zone.dir == ZoneDir::Reply).then_some(flow.key.zone.id);
     // The plain inverse: the kernel derives the translated reply tuple from the NAT ranges.
-    attrs.push(ConntrackAttribute::CtaTupleReply(tuple_nlas(
-        &flow.key.orig.inverse(),
-        reply_zone,
-    )));
-    attrs.extend(nat_attrs(flow));
-    if let Some(master) = &flow.master {
-        attrs.push(nested_raw(cta::TUPLE_MASTER, &tuple_nlas(master, None)));
-    }
-    if let Some(helper) = &flow.helper {
-        attrs.push(helper_attr(helper));
-    }
+    w.tuple(cta::TUPLE_REPLY, &flow.key.orig.inverse(), reply_zone);
+    nat_attrs(w, flow);
+    related_attrs(w, flow);
     // The kernel itself sets EXPECTED when it links a master, and refuses it from userspace.
     let st = (flow.status | status::CONFIRMED) & !(status::DYING | status::EXPECTED);
-    mutable_attrs(&mut attrs, flow, st, true);
-    attrs
+    mutable_attrs(w, flow, st, true);
 }
 
-fn update_attrs(flow: &Flow, labels: bool) -> Vec<ConntrackAttribute> {
-    let mut attrs = key_attrs(&flow.key);
+fn update_attrs(w: &mut MessageWriter<'_>, flow: &Flow, labels: bool) {
+    key_attrs(w, &flow.key);
     // NAT, master and helper cannot change on an existing entry; the kernel refuses them.
     let st = (flow.status | status::CONFIRMED) & !status::DYING;
-    mutable_attrs(&mut attrs, flow, st, false);
+    mutable_attrs(w, flow, st, false);
     if labels && flow.labels == 0 {
-        attrs.push(raw(cta::LABELS, encode_labels(0)));
+        // Explicit zeros, so that labels cleared on the origin are cleared here too.
+        labels_attr(w, 0);
     }
-    attrs
 }
 
-fn mutable_attrs(attrs: &mut Vec<ConntrackAttribute>, flow: &Flow, st: u32, create: bool) {
-    attrs.push(ConntrackAttribute::CtaStatus(Status::from_bits_retain(st)));
-    attrs.push(ConntrackAttribute::CtaTimeout(flow.timeout));
+/// Master tuple and helper: set once, when the entry is created (or reported whole).
+fn related_attrs(w: &mut MessageWriter<'_>, flow: &Flow) {
+    if let Some(master) = &flow.master {
+        w.nest(cta::TUPLE_MASTER, |w| w.tuple_members(master));
+    }
+    if let Some(helper) = &flow.helper {
+        helper_attr(w, helper);
+    }
+}
+
+fn mutable_attrs(w: &mut MessageWriter<'_>, flow: &Flow, st: u32, create: bool) {
+    w.be32(cta::STATUS, st);
+    w.be32(cta::TIMEOUT, flow.timeout);
     if flow.mark != 0 || !create {
-        attrs.push(ConntrackAttribute::CtaMark(flow.mark));
+        w.be32(cta::MARK, flow.mark);
     }
     // Labels need the kernel's label extension; an all-zero write fails where it is absent
     // (updates handle that case themselves).
     if flow.labels != 0 {
-        attrs.push(raw(cta::LABELS, encode_labels(flow.labels)));
+        labels_attr(w, flow.labels);
     }
-    if let Some(p) = protoinfo_attr(&flow.protoinfo) {
-        attrs.push(p);
-    }
+    protoinfo_attr(w, &flow.protoinfo);
     if let Some(adj) = &flow.seq_adj {
-        attrs.push(seqadj_attr(cta::SEQ_ADJ_ORIG, &adj.orig));
-        attrs.push(seqadj_attr(cta::SEQ_ADJ_REPLY, &adj.reply));
+        seqadj_attr(w, cta::SEQ_ADJ_ORIG, &adj.orig);
+        seqadj_attr(w, cta::SEQ_ADJ_REPLY, &adj.reply);
     }
     if let Some(sp) = &flow.synproxy {
-        let members = [
-            raw_nla(attr::synproxy::ISN, sp.isn.to_be_bytes().to_vec()),
-            raw_nla(attr::synproxy::ITS, sp.its.to_be_bytes().to_vec()),
-            raw_nla(attr::synproxy::TSOFF, sp.tsoff.to_be_bytes().to_vec()),
-        ];
-        attrs.push(nested_raw(cta::SYNPROXY, &members));
+        use attr::synproxy as s;
+        w.nest(cta::SYNPROXY, |w| {
+            w.be32(s::ISN, sp.isn);
+            w.be32(s::ITS, sp.its);
+            w.be32(s::TSOFF, sp.tsoff);
+        });
     }
 }
 
-fn tuple_nlas(t: &Tuple, zone: Option<u16>) -> Vec<NfTuple> {
-    let mut l4 = vec![ProtoTuple::Protocol(Protocol::from(t.proto))];
-    match t.l4 {
-        L4::None => {}
-        L4::Ports { src, dst } => {
-            l4.push(ProtoTuple::SourcePort(src));
-            l4.push(ProtoTuple::DestinationPort(dst));
-        }
-        L4::Icmp { id, kind, code } => {
-            let (a_id, a_type, a_code) = if t.proto == proto::ICMPV6 {
-                (
-                    attr::l4::ICMPV6_ID,
-                    attr::l4::ICMPV6_TYPE,
-                    attr::l4::ICMPV6_CODE,
-                )
-            } else {
-                (attr::l4::ICMP_ID, attr::l4::ICMP_TYPE, attr::l4::ICMP_CODE)
-            };
-            l4.push(ProtoTuple::Other(DefaultNla::new(
-                a_id,
-                id.to_be_bytes().to_vec(),
-            )));
-            l4.push(ProtoTuple::Other(DefaultNla::new(a_type, vec![kind])));
-            l4.push(ProtoTuple::Other(DefaultNla::new(a_code, vec![code])));
-        }
+/// The kernel reads labels as its in-memory `unsigned long` bitmap: native-endian 32-bit words,
+/// lowest labels first.
+fn labels_attr(w: &mut MessageWriter<'_>, labels: u128) {
+    let mut bytes = [0u8; 16];
+    for (i, word) in bytes.chunks_exact_mut(4).enumerate() {
+        word.copy_from_slice(&((labels >> (32 * i)) as u32).to_ne_bytes());
     }
-    let mut nlas = vec![
-        NfTuple::Ip(vec![
-            IPTuple::SourceAddress(t.src),
-            IPTuple::DestinationAddress(t.dst),
-        ]),
-        NfTuple::Proto(l4),
-    ];
-    if let Some(id) = zone {
-        nlas.push(NfTuple::Other(DefaultNla::new(
-            attr::tuple::ZONE,
-            id.to_be_bytes().to_vec(),
-        )));
-    }
-    nlas
+    w.put(cta::LABELS, &bytes);
 }
 
 /// NAT ranges that make the kernel set up exactly the binding the flow has.
@@ -814,17 +891,15 @@ fn tuple_nlas(t: &Tuple, zone: Option<u16>) -> Vec<NfTuple> {
 /// Only directions whose `*_NAT_DONE` bit is set get a range: an identity range then reproduces
 /// a "no translation" binding, which keeps the kernel from running NAT rules on the first packet
 /// after failover and translating a flow that was never translated.
-fn nat_attrs(flow: &Flow) -> Vec<ConntrackAttribute> {
-    let mut attrs = Vec::new();
+fn nat_attrs(w: &mut MessageWriter<'_>, flow: &Flow) {
     if flow.status & status::DST_NAT_DONE != 0 {
         let port = l4_port(&flow.reply, true);
-        attrs.push(nat_range(cta::NAT_DST, flow.reply.src, port));
+        nat_range(w, cta::NAT_DST, flow.reply.src, port);
     }
     if flow.status & status::SRC_NAT_DONE != 0 {
         let port = l4_port(&flow.reply, false);
-        attrs.push(nat_range(cta::NAT_SRC, flow.reply.dst, port));
+        nat_range(w, cta::NAT_SRC, flow.reply.dst, port);
     }
-    attrs
 }
 
 /// The port (or ICMP id) a NAT range pins: reply source for DNAT, reply destination for SNAT.
@@ -836,107 +911,85 @@ fn l4_port(reply: &Tuple, src_side: bool) -> Option<u16> {
     }
 }
 
-fn nat_range(kind: u16, addr: IpAddr, port: Option<u16>) -> ConntrackAttribute {
+/// A single-address, single-port range: the binding is reproduced, not re-chosen.
+fn nat_range(w: &mut MessageWriter<'_>, kind: u16, addr: IpAddr, port: Option<u16>) {
     use attr::nat;
-    let (min, max, bytes) = match addr {
-        IpAddr::V4(a) => (nat::V4_MINIP, nat::V4_MAXIP, a.octets().to_vec()),
-        IpAddr::V6(a) => (nat::V6_MINIP, nat::V6_MAXIP, a.octets().to_vec()),
-    };
-    let mut members = vec![raw_nla(min, bytes.clone()), raw_nla(max, bytes)];
-    if let Some(p) = port {
-        let ports = [
-            raw_nla(nat::PORT_MIN, p.to_be_bytes().to_vec()),
-            raw_nla(nat::PORT_MAX, p.to_be_bytes().to_vec()),
-        ];
-        members.push(nested_nla(nat::PROTO, &ports));
-    }
-    nested_raw(kind, &members)
+    w.nest(kind, |w| {
+        match addr {
+            IpAddr::V4(a) => {
+                w.put(nat::V4_MINIP, &a.octets());
+                w.put(nat::V4_MAXIP, &a.octets());
+            }
+            IpAddr::V6(a) => {
+                w.put(nat::V6_MINIP, &a.octets());
+                w.put(nat::V6_MAXIP, &a.octets());
+            }
+        }
+        if let Some(p) = port {
+            w.nest(nat::PROTO, |w| {
+                w.be16(nat::PORT_MIN, p);
+                w.be16(nat::PORT_MAX, p);
+            });
+        }
+    });
 }
 
-fn protoinfo_attr(info: &ProtoInfo) -> Option<ConntrackAttribute> {
+fn protoinfo_attr(w: &mut MessageWriter<'_>, info: &ProtoInfo) {
     use attr::protoinfo as p;
-    let inner = match *info {
-        ProtoInfo::None => return None,
-        ProtoInfo::Tcp(t) => NfProtoInfo::TCP(vec![
-            ProtoInfoTCP::State(t.state),
-            ProtoInfoTCP::OriginalWindowScale(t.wscale_orig),
-            ProtoInfoTCP::ReplyWindowScale(t.wscale_reply),
-            ProtoInfoTCP::OriginalFlags(tcp_flags(t.flags_orig)),
-            ProtoInfoTCP::ReplyFlags(tcp_flags(t.flags_reply)),
-        ]),
+    match *info {
+        ProtoInfo::None => {}
+        ProtoInfo::Tcp(t) => w.nest(cta::PROTOINFO, |w| {
+            w.nest(p::TCP, |w| {
+                w.u8(p::TCP_STATE, t.state);
+                w.u8(p::TCP_WSCALE_ORIGINAL, t.wscale_orig);
+                w.u8(p::TCP_WSCALE_REPLY, t.wscale_reply);
+                // `nf_ct_tcp_flags` with a full mask, so that the kernel's copy ends up equal.
+                w.put(p::TCP_FLAGS_ORIGINAL, &[t.flags_orig, 0xff]);
+                w.put(p::TCP_FLAGS_REPLY, &[t.flags_reply, 0xff]);
+            });
+        }),
         ProtoInfo::Sctp {
             state,
             vtag_orig,
             vtag_reply,
-        } => NfProtoInfo::Other(nested_nla(
-            p::SCTP,
-            &[
-                raw_nla(p::SCTP_STATE, vec![state]),
-                raw_nla(p::SCTP_VTAG_ORIGINAL, vtag_orig.to_be_bytes().to_vec()),
-                raw_nla(p::SCTP_VTAG_REPLY, vtag_reply.to_be_bytes().to_vec()),
-            ],
-        )),
+        } => w.nest(cta::PROTOINFO, |w| {
+            w.nest(p::SCTP, |w| {
+                w.u8(p::SCTP_STATE, state);
+                w.be32(p::SCTP_VTAG_ORIGINAL, vtag_orig);
+                w.be32(p::SCTP_VTAG_REPLY, vtag_reply);
+            });
+        }),
         ProtoInfo::Dccp {
             state,
             role,
             handshake_seq,
-        } => NfProtoInfo::Other(nested_nla(
-            p::DCCP,
-            &[
-                raw_nla(p::DCCP_STATE, vec![state]),
-                raw_nla(p::DCCP_ROLE, vec![role]),
-                raw_nla(p::DCCP_HANDSHAKE_SEQ, handshake_seq.to_be_bytes().to_vec()),
-            ],
-        )),
-    };
-    Some(ConntrackAttribute::CtaProtoInfo(vec![inner]))
-}
-
-/// TCP flags with a full mask, so that the kernel's copy ends up exactly equal.
-fn tcp_flags(flags: u8) -> TCPFlags {
-    // `TCPFlags` has no public constructor; parsing its two-byte wire form is the way in.
-    TCPFlags::parse(&[flags, 0xff]).unwrap_or_else(|_| unreachable!("two bytes always parse"))
-}
-
-fn helper_attr(name: &str) -> ConntrackAttribute {
-    let mut bytes = name.as_bytes().to_vec();
-    bytes.push(0);
-    nested_raw(cta::HELP, &[raw_nla(attr::help::NAME, bytes)])
-}
-
-fn seqadj_attr(kind: u16, d: &SeqAdjDir) -> ConntrackAttribute {
-    use attr::seqadj as s;
-    nested_raw(
-        kind,
-        &[
-            raw_nla(s::CORRECTION_POS, d.correction_pos.to_be_bytes().to_vec()),
-            raw_nla(s::OFFSET_BEFORE, d.offset_before.to_be_bytes().to_vec()),
-            raw_nla(s::OFFSET_AFTER, d.offset_after.to_be_bytes().to_vec()),
-        ],
-    )
-}
-
-fn raw(kind: u16, value: Vec<u8>) -> ConntrackAttribute {
-    ConntrackAttribute::Other(raw_nla(kind, value))
-}
-
-fn raw_nla(kind: u16, value: Vec<u8>) -> DefaultNla {
-    DefaultNla::new(kind, value)
-}
-
-fn nested_nla<T: Nla>(kind: u16, members: &[T]) -> DefaultNla {
-    let len: usize = members.iter().map(Emitable::buffer_len).sum();
-    let mut bytes = vec![0u8; len];
-    let mut off = 0;
-    for m in members {
-        m.emit(&mut bytes[off..]);
-        off += m.buffer_len();
+        } => w.nest(cta::PROTOINFO, |w| {
+            w.nest(p::DCCP, |w| {
+                w.u8(p::DCCP_STATE, state);
+                w.u8(p::DCCP_ROLE, role);
+                w.be64(p::DCCP_HANDSHAKE_SEQ, handshake_seq);
+            });
+        }),
     }
-    DefaultNla::new(kind | NLA_F_NESTED, bytes)
 }
 
-fn nested_raw<T: Nla>(kind: u16, members: &[T]) -> ConntrackAttribute {
-    ConntrackAttribute::Other(nested_nla(kind, members))
+/// The name travels NUL-terminated (`NLA_NUL_STRING`).
+fn helper_attr(w: &mut MessageWriter<'_>, name: &str) {
+    w.nest(cta::HELP, |w| {
+        w.put_header(attr::help::NAME, NLA_HEADER_LEN + name.len() + 1);
+        w.buf.extend_from_slice(name.as_bytes());
+        w.buf.push(0);
+        w.pad();
+    });
+}
+
+fn seqadj_attr(w: &mut MessageWriter<'_>, kind: u16, d: &SeqAdjDir) {
+    use attr::seqadj as s;
+    w.nest(kind, |w| {
+        w.be32(s::CORRECTION_POS, d.correction_pos);
+        w.be32(s::OFFSET_BEFORE, d.offset_before);
+        w.be32(s::OFFSET_AFTER, d.offset_after);
+    });
 }
 
 #[cfg(test)]
