@@ -288,6 +288,11 @@ impl Daemon {
         }
     }
 
+    /// Current resident set, bytes.
+    pub fn rss(&self) -> u64 {
+        self.proc_status("VmRSS").unwrap_or(0)
+    }
+
     /// Usage of this node so far, restarts included.
     pub fn usage(&self) -> Usage {
         let mut u = self.past;

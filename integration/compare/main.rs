@@ -414,9 +414,10 @@ fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Samp
     let mut s = Sample::default();
     let pair = Pair::new(base, false)?;
     let (mut a, mut b) = pair.daemons(kind, Mode::Cache)?;
-    s.set("idle_rss_a_mib", a.idle_rss as f64 / (1 << 20) as f64);
-    s.set("idle_rss_b_mib", b.idle_rss as f64 / (1 << 20) as f64);
+    s.set("idle_rss_a_mib", mib(a.idle_rss));
+    s.set("idle_rss_b_mib", mib(b.idle_rss));
     let mut w = writer(&pair.ns[0], 2)?;
+    let mut cpu = CpuPhases::new(&a, &b);
 
     let t0 = Instant::now();
     let rep = w.upsert(flows)?;
@@ -432,13 +433,18 @@ fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Samp
     s.set("replication_s", secs_since(t0, done));
     s.set("replication_tail_ms", ms_since(t1, done));
     s.set("replication_completeness", seen as f64 / n as f64);
+    cpu.phase(&mut s, "replication", &a, &b);
+    s.set("rss_a_replicated_mib", mib(a.rss()));
+    s.set("rss_b_replicated_mib", mib(b.rss()));
 
     let commit = b.commit()?;
     s.set("commit_s", commit.as_secs_f64());
+    cpu.phase(&mut s, "commit", &a, &b);
     s.set(
         "commit_completeness",
         kernel_matches(&pair.ns[1], flows)? as f64 / n as f64,
     );
+    cpu.skip(&a, &b);
 
     b.stop();
     pair.ns[1].run(rawnl::raw_flush)??;
@@ -447,6 +453,7 @@ fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Samp
     let (done, seen) = wait_count(&b, n as u64, timeout)?;
     s.set("resync_s", secs_since(t0, done));
     s.set("resync_completeness", seen as f64 / n as f64);
+    cpu.phase(&mut s, "resync", &a, &b);
 
     let t0 = Instant::now();
     let rep = w.delete(flows)?;
@@ -460,6 +467,7 @@ fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Samp
     s.set("delete_s", secs_since(t0, done));
     s.set("delete_tail_ms", ms_since(t1, done));
     s.set("delete_completeness", 1.0 - seen as f64 / n as f64);
+    cpu.phase(&mut s, "delete", &a, &b);
 
     let (ua, ub) = (a.usage(), b.usage());
     a.stop();
@@ -467,11 +475,46 @@ fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Samp
     s.set("cpu_a_s", ua.cpu_secs);
     s.set("cpu_b_s", ub.cpu_secs);
     s.set("cpu_s", ua.cpu_secs + ub.cpu_secs);
-    s.set("peak_rss_a_mib", ua.peak_rss as f64 / (1 << 20) as f64);
-    s.set("peak_rss_b_mib", ub.peak_rss as f64 / (1 << 20) as f64);
+    s.set("peak_rss_a_mib", mib(ua.peak_rss));
+    s.set("peak_rss_b_mib", mib(ub.peak_rss));
     s.set("rss_per_flow_a_b", ua.peak_rss as f64 / n as f64);
     s.set("rss_per_flow_b_b", ub.peak_rss as f64 / n as f64);
     Ok(s)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// CPU seconds of both daemons per phase of a scenario.
+struct CpuPhases {
+    last: f64,
+}
+
+impl CpuPhases {
+    fn new(a: &Daemon, b: &Daemon) -> CpuPhases {
+        CpuPhases {
+            last: a.usage().cpu_secs + b.usage().cpu_secs,
+        }
+    }
+
+    /// Records the CPU used since the last phase, under `cpu_<name>_s`.
+    fn phase(&mut self, s: &mut Sample, name: &'static str, a: &Daemon, b: &Daemon) {
+        let now = a.usage().cpu_secs + b.usage().cpu_secs;
+        let metric = match name {
+            "replication" => "cpu_replication_s",
+            "commit" => "cpu_commit_s",
+            "resync" => "cpu_resync_s",
+            _ => "cpu_delete_s",
+        };
+        s.set(metric, now - self.last);
+        self.last = now;
+    }
+
+    /// Leaves out what happened since the last phase (the benchmark's own checks).
+    fn skip(&mut self, a: &Daemon, b: &Daemon) {
+        self.last = a.usage().cpu_secs + b.usage().cpu_secs;
+    }
 }
 
 /// Replication with 10% loss each way on the sync link; completeness checked in B's kernel
