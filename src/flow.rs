@@ -241,12 +241,53 @@ pub struct Zone {
 }
 
 /// The identity of a flow, exactly as the kernel looks it up: zone and original tuple.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowKey {
     /// Zone of the entry.
     pub zone: Zone,
     /// Original-direction tuple.
     pub orig: Tuple,
+}
+
+impl std::hash::Hash for FlowKey {
+    /// A few wide writes instead of the derived field-by-field walk: keys are hashed for every
+    /// event, every replicated flow and every growth of a table, and this is measurably faster.
+    /// Equal keys write equal words, as `Eq` requires.
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let t = &self.orig;
+        let (tag, l4) = match t.l4 {
+            L4::None => (0u64, 0u64),
+            L4::Ports { src, dst } => (1, u64::from(src) << 16 | u64::from(dst)),
+            L4::Icmp { id, kind, code } => (
+                2,
+                u64::from(id) << 16 | u64::from(kind) << 8 | u64::from(code),
+            ),
+        };
+        let head = u64::from(self.zone.id) << 48
+            | (self.zone.dir as u64) << 44
+            | tag << 40
+            | u64::from(t.proto) << 32
+            | l4;
+        match (t.src, t.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                h.write_u64(head);
+                h.write_u64(u64::from(u32::from(s)) << 32 | u64::from(u32::from(d)));
+            }
+            (s, d) => {
+                h.write_u64(head | 1 << 63);
+                h.write_u128(addr_bits(s));
+                h.write_u128(addr_bits(d));
+            }
+        }
+    }
+}
+
+/// An address as 128 bits (IPv4 in the low 32, as no IPv6 tuple mixes with it).
+fn addr_bits(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
 }
 
 /// TCP tracking state and per-direction window scale and flags.

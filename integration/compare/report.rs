@@ -31,6 +31,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "raw batched writer, N minimal creations (kernel floor)",
     ),
     (
+        "raw_commit_listened_s",
+        "s",
+        "the same with an event listener in the namespace",
+    ),
+    (
         "commit_completeness",
         "",
         "commit completeness (keys in B's kernel)",
@@ -53,9 +58,17 @@ const METRICS: &[(&str, &str, &str)] = &[
     ),
     ("delete_completeness", "", "delete completeness"),
     ("cpu_s", "s", "CPU seconds, both nodes, whole scenario"),
-    ("cpu_replication_s", "s", "CPU seconds, both nodes, replication"),
+    (
+        "cpu_replication_s",
+        "s",
+        "CPU seconds, both nodes, replication",
+    ),
     ("cpu_commit_s", "s", "CPU seconds, both nodes, commit"),
-    ("cpu_resync_s", "s", "CPU seconds, both nodes, resync (B restarted)"),
+    (
+        "cpu_resync_s",
+        "s",
+        "CPU seconds, both nodes, resync (B restarted)",
+    ),
     ("cpu_delete_s", "s", "CPU seconds, both nodes, delete burst"),
     ("cpu_a_s", "s", "CPU seconds, A"),
     ("cpu_b_s", "s", "CPU seconds, B (both processes)"),

@@ -7,7 +7,9 @@
 //! passed them, or until there are too many, in which case lagging peers get a snapshot.
 
 use crate::flow::FlowKey;
-use std::collections::{BTreeMap, HashMap};
+use hashbrown::hash_table::HashTable;
+use hashbrown::DefaultHashBuilder;
+use std::hash::BuildHasher;
 
 /// What the index knows of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,25 +20,58 @@ pub struct IndexEntry {
     pub deleted: bool,
 }
 
-/// Per-key bookkeeping, for the timeout refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct KeyState {
-    version: u64,
-    /// Seconds (engine clock) when the last version was made.
-    stamp: u64,
-    /// The flow's timeout at that moment, as peers received it.
-    timeout: u32,
+enum SlotState {
+    Live,
+    Tombstone,
+    /// Superseded by a later version of its key, or a collected tombstone: skipped, and
+    /// removed at the next compaction.
+    Dead,
 }
 
+/// One version of one key.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    version: u64,
+    key: FlowKey,
+    /// Seconds (engine clock) when the version was made, for the timeout refresh.
+    stamp: u32,
+    /// The flow's timeout at that moment, as peers received it.
+    timeout: u32,
+    state: SlotState,
+}
+
+/// Dead slots tolerated before a compaction, at least: small logs are not worth compacting.
+const COMPACT_MIN: usize = 1024;
+
 /// Own flows ordered by change counter.
-#[derive(Debug, Default)]
+///
+/// A log of slots in version order, where a key's older versions are only marked dead (and
+/// swept out once they make up half of the log), and a hash table from each key to the
+/// position of its current slot (rebuilt by the compaction, which moves slots). About 70 bytes
+/// per flow, against ~230 for an ordered map plus a map of keys, and no scan of live flows to
+/// collect tombstones.
+#[derive(Debug)]
 pub struct ChangeIndex {
     next: u64,
-    by_version: BTreeMap<u64, IndexEntry>,
-    keys: HashMap<FlowKey, KeyState>,
+    slots: Vec<Slot>,
+    dead: usize,
+    /// Position in `slots` of each key's current slot.
+    keys: HashTable<u32>,
+    hasher: DefaultHashBuilder,
     tombstones: usize,
     /// Tombstones up to this version were dropped: a peer behind it missed deletions.
     dropped_upto: u64,
+    /// Tombstones up to this version have been collected (acknowledged by every peer).
+    collected_upto: u64,
+    /// See [`COMPACT_MIN`] (lower in tests, to exercise compaction).
+    compact_min: usize,
+}
+
+impl Default for ChangeIndex {
+    fn default() -> Self {
+        ChangeIndex::new()
+    }
 }
 
 impl ChangeIndex {
@@ -44,26 +79,59 @@ impl ChangeIndex {
     pub fn new() -> ChangeIndex {
         ChangeIndex {
             next: 1,
-            ..ChangeIndex::default()
+            slots: Vec::new(),
+            dead: 0,
+            keys: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            tombstones: 0,
+            dropped_upto: 0,
+            collected_upto: 0,
+            compact_min: COMPACT_MIN,
         }
+    }
+
+    /// The current slot of `key`.
+    fn current(&self, key: &FlowKey) -> Option<&Slot> {
+        let hash = self.hasher.hash_one(key);
+        let slots = &self.slots;
+        let i = self.keys.find(hash, |&i| slots[i as usize].key == *key)?;
+        Some(&slots[*i as usize])
     }
 
     /// Records a change of `key` at `now_secs`; returns its new version.
     pub fn touch(&mut self, key: FlowKey, deleted: bool, timeout: u32, now_secs: u64) -> u64 {
         let version = self.next;
         self.next += 1;
-        let state = KeyState {
-            version,
-            stamp: now_secs,
-            timeout,
-        };
-        if let Some(old) = self.keys.insert(key, state) {
-            if let Some(e) = self.by_version.remove(&old.version) {
-                self.tombstones -= usize::from(e.deleted);
+        let hash = self.hasher.hash_one(key);
+        let pos = u32::try_from(self.slots.len()).expect("fewer than 2^32 slots");
+        let slots = &mut self.slots;
+        match self.keys.find_mut(hash, |&i| slots[i as usize].key == key) {
+            Some(i) => {
+                let old = &mut slots[*i as usize];
+                self.tombstones -= usize::from(old.state == SlotState::Tombstone);
+                old.state = SlotState::Dead;
+                self.dead += 1;
+                *i = pos;
+            }
+            None => {
+                let hasher = &self.hasher;
+                self.keys
+                    .insert_unique(hash, pos, |&i| hasher.hash_one(slots[i as usize].key));
             }
         }
-        self.by_version.insert(version, IndexEntry { key, deleted });
+        slots.push(Slot {
+            version,
+            key,
+            stamp: u32::try_from(now_secs).unwrap_or(u32::MAX),
+            timeout,
+            state: if deleted {
+                SlotState::Tombstone
+            } else {
+                SlotState::Live
+            },
+        });
         self.tombstones += usize::from(deleted);
+        self.maybe_compact();
         version
     }
 
@@ -77,16 +145,25 @@ impl ChangeIndex {
         if after >= upto {
             return Vec::new();
         }
-        self.by_version
-            .range(after + 1..=upto)
+        let start = self.slots.partition_point(|s| s.version <= after);
+        self.slots[start..]
+            .iter()
+            .take_while(|s| s.version <= upto)
+            .filter(|s| s.state != SlotState::Dead)
             .take(limit)
-            .map(|(v, e)| (*v, *e))
+            .map(|s| {
+                let e = IndexEntry {
+                    key: s.key,
+                    deleted: s.state == SlotState::Tombstone,
+                };
+                (s.version, e)
+            })
             .collect()
     }
 
     /// Live (not deleted) flows indexed.
     pub fn live(&self) -> usize {
-        self.by_version.len() - self.tombstones
+        self.slots.len() - self.dead - self.tombstones
     }
 
     /// Tombstones kept.
@@ -102,36 +179,77 @@ impl ChangeIndex {
     /// Whether peers should be told again about `key` because its real expiry moved later than
     /// what they computed from the last timeout sent (`stamp + timeout`) by more than `slack`.
     pub fn timeout_stale(&self, key: &FlowKey, timeout: u32, now_secs: u64, slack: u64) -> bool {
-        self.keys.get(key).is_some_and(|s| {
-            let peer_expiry = s.stamp + u64::from(s.timeout);
+        self.current(key).is_some_and(|s| {
+            let peer_expiry = u64::from(s.stamp) + u64::from(s.timeout);
             now_secs + u64::from(timeout) > peer_expiry + slack
         })
     }
 
     /// Forgets tombstones every peer has acknowledged (`version <= acked_by_all`), and the oldest
     /// ones beyond `limit` regardless (the peers behind them will need a snapshot).
+    ///
+    /// Only the part of the log acknowledged since the last call is scanned.
     pub fn collect_tombstones(&mut self, acked_by_all: u64, limit: usize) {
-        let mut drop = Vec::new();
-        let mut excess = self.tombstones.saturating_sub(limit);
-        for (v, e) in &self.by_version {
-            if !e.deleted {
-                continue;
-            }
-            if *v <= acked_by_all || excess > 0 {
-                if *v > acked_by_all {
-                    excess -= 1;
-                    self.dropped_upto = self.dropped_upto.max(*v);
+        let upto = acked_by_all.min(self.last_version());
+        if upto > self.collected_upto {
+            let from = self
+                .slots
+                .partition_point(|s| s.version <= self.collected_upto);
+            let to = self.slots.partition_point(|s| s.version <= upto);
+            for i in from..to {
+                if self.slots[i].state == SlotState::Tombstone {
+                    self.bury(i);
                 }
-                drop.push((*v, e.key));
-            } else {
-                break;
             }
+            self.collected_upto = upto;
         }
-        for (v, key) in drop {
-            self.by_version.remove(&v);
-            self.keys.remove(&key);
-            self.tombstones -= 1;
+        let mut i = 0;
+        while self.tombstones > limit && i < self.slots.len() {
+            if self.slots[i].state == SlotState::Tombstone {
+                self.dropped_upto = self.dropped_upto.max(self.slots[i].version);
+                self.bury(i);
+            }
+            i += 1;
         }
+        self.maybe_compact();
+    }
+
+    /// Turns the tombstone at `i` into a dead slot and forgets its key.
+    fn bury(&mut self, i: usize) {
+        let hash = self.hasher.hash_one(self.slots[i].key);
+        if let Ok(e) = self.keys.find_entry(hash, |&p| p as usize == i) {
+            e.remove();
+        }
+        self.slots[i].state = SlotState::Dead;
+        self.tombstones -= 1;
+        self.dead += 1;
+    }
+
+    /// Sweeps dead slots out once they are half of the log (amortised O(1) per change).
+    fn maybe_compact(&mut self) {
+        if self.dead < self.compact_min || self.dead * 2 < self.slots.len() {
+            return;
+        }
+        self.slots.retain(|s| s.state != SlotState::Dead);
+        self.dead = 0;
+        if self.slots.capacity() > 4 * self.slots.len().max(self.compact_min) {
+            self.slots.shrink_to(2 * self.slots.len());
+        }
+        // Every slot moved: index them again (each key has exactly one slot left).
+        self.keys.clear();
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        for (i, s) in slots.iter().enumerate() {
+            self.keys
+                .insert_unique(hasher.hash_one(s.key), i as u32, |&j| {
+                    hasher.hash_one(slots[j as usize].key)
+                });
+        }
+    }
+
+    /// Heap bytes held (for status and benchmarks).
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.keys.capacity() * (std::mem::size_of::<u32>() + 1)
     }
 }
 
@@ -190,5 +308,68 @@ mod tests {
         assert!(!ix.timeout_stale(&key(1), 60, 1050, 30));
         // Traffic refreshed it to 100 s: expiry 1150, 50 s later than peers believe.
         assert!(ix.timeout_stale(&key(1), 100, 1050, 30));
+    }
+
+    #[test]
+    fn compaction_keeps_versions_and_order() {
+        let mut ix = ChangeIndex::new();
+        for round in 0..10u64 {
+            for p in 0..500 {
+                ix.touch(key(p), false, 30, round);
+            }
+        }
+        assert!(
+            ix.slots.len() < 5000,
+            "dead versions were swept: {}",
+            ix.slots.len()
+        );
+        let r = ix.range(0, ix.last_version(), usize::MAX);
+        assert_eq!(r.len(), 500);
+        assert_eq!(r[0].0, 4501);
+        assert!(r.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(ix.timeout_stale(&key(7), 100, 9, 30));
+    }
+
+    proptest::proptest! {
+        /// The log behaves like a plain map of key -> (version, deleted) with tombstones
+        /// collected as the old ordered-map index did.
+        #[test]
+        fn behaves_like_a_model(ops in proptest::collection::vec((0u16..40, 0u8..10, 0usize..50), 1..400)) {
+            let mut ix = ChangeIndex::new();
+            ix.compact_min = 3;
+            let mut model: std::collections::HashMap<FlowKey, (u64, bool)> = Default::default();
+            let mut dropped = 0;
+            for (k, op, arg) in ops {
+                if op < 8 {
+                    let deleted = op >= 6;
+                    let v = ix.touch(key(k), deleted, 30, 0);
+                    model.insert(key(k), (v, deleted));
+                } else {
+                    let last = ix.last_version();
+                    let acked = last.saturating_sub(arg as u64);
+                    let limit = arg % 7;
+                    ix.collect_tombstones(acked, limit);
+                    model.retain(|_, (v, d)| !(*d && *v <= acked));
+                    let mut tombs: Vec<u64> =
+                        model.values().filter(|(_, d)| *d).map(|(v, _)| *v).collect();
+                    tombs.sort_unstable();
+                    let excess = tombs.len().saturating_sub(limit);
+                    for v in &tombs[..excess] {
+                        dropped = dropped.max(*v);
+                    }
+                    model.retain(|_, (v, d)| !(*d && tombs[..excess].contains(v)));
+                }
+                let mut want: Vec<(u64, IndexEntry)> = model
+                    .iter()
+                    .map(|(k, (v, d))| (*v, IndexEntry { key: *k, deleted: *d }))
+                    .collect();
+                want.sort_by_key(|e| e.0);
+                proptest::prop_assert_eq!(ix.range(0, ix.last_version(), usize::MAX), want);
+                proptest::prop_assert_eq!(ix.dropped_upto(), dropped);
+                let tombs = model.values().filter(|(_, d)| *d).count();
+                proptest::prop_assert_eq!(ix.tombstones(), tombs);
+                proptest::prop_assert_eq!(ix.live(), model.len() - tombs);
+            }
+        }
     }
 }
