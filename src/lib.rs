@@ -4,6 +4,7 @@
 //! - [`flow`]: the flow model, independent of netlink.
 //! - [`netlink`]: ctnetlink codec, sockets, dump, events and batched writes (the kernel bridge).
 //! - [`cache`]: flow tables and the kernel-mirror state machine (sans-IO).
+//! - [`slab`]: the compact keyed store under the big flow tables.
 //! - [`config`]: the daemon's TOML configuration.
 //! - [`control`]: the local control socket protocol shared by `ctsyncd` and `syncctl`.
 //! - [`daemon`]: the runtime that wires the kernel bridge, the caches and the control socket.
@@ -26,6 +27,7 @@ pub mod netns;
 pub mod notify;
 pub mod pki;
 pub mod replication;
+pub mod slab;
 pub mod sync;
 pub mod transport;
 pub mod wire;

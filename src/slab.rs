@@ -1,0 +1,591 @@
+//! A compact map from [`FlowKey`] to values that carry their own key.
+//!
+//! The big flow stores (the kernel mirror, the per-peer external caches) used to keep their
+//! elements inline in a hash table. A hash table keeps at least 1/8 of its buckets empty and
+//! doubles when full, so right after a doubling almost half of it is empty buckets: with elements
+//! of ~200 bytes that was most of the memory per flow, and a doubling briefly held the old and
+//! the new table.
+//!
+//! [`KeyedSlab`] instead keeps the values densely in fixed-size chunks and indexes them with a
+//! hash table of 4-byte slot numbers. Empty buckets then cost 5 bytes instead of ~200, growing
+//! never copies the values (a new chunk is added), and removal moves the last value into the
+//! hole so the storage stays dense and chunks are released as the store shrinks.
+
+use crate::flow::{Flow, FlowKey};
+use hashbrown::hash_table::{Entry as IndexEntry, HashTable, VacantEntry as IndexVacant};
+use hashbrown::DefaultHashBuilder;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::mem::size_of;
+
+/// A value that carries the key it is stored under.
+pub trait Keyed {
+    /// The key. It must not change while the value is stored (see [`KeyedSlab::get_mut`]).
+    fn key(&self) -> &FlowKey;
+}
+
+impl Keyed for Flow {
+    fn key(&self) -> &FlowKey {
+        &self.key
+    }
+}
+
+/// Values per chunk by default: big enough that the chunk list is negligible, small enough
+/// that the one partly filled chunk (and the one spare) waste little.
+pub const DEFAULT_CHUNK: usize = 1024;
+
+/// A map from [`FlowKey`] to values keyed by it, stored densely in chunks of `CHUNK` values.
+///
+/// Slot `i` lives at `chunks[i / CHUNK][i % CHUNK]`; slots `0..len` are all occupied. The index
+/// hashes keys with [`DefaultHashBuilder`] (foldhash, randomly seeded per store), so that peers
+/// cannot choose keys that collide. Iteration order is unspecified and changes on removal.
+///
+/// Capacity is bounded by `u32` slot numbers (4 billion values, far beyond any conntrack table
+/// that fits in memory).
+pub struct KeyedSlab<T, const CHUNK: usize = DEFAULT_CHUNK> {
+    /// Value storage; every chunk is allocated with room for exactly `CHUNK` values, so pushing
+    /// never reallocates. At most one chunk past the last occupied one is kept (a spare).
+    chunks: Vec<Vec<T>>,
+    /// Slot numbers, hashed by the key of the value in the slot.
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    len: usize,
+}
+
+/// Where a key stands in a [`KeyedSlab`], from [`KeyedSlab::entry`].
+pub enum Entry<'a, T, const CHUNK: usize = DEFAULT_CHUNK> {
+    /// The key is stored: its value.
+    Occupied(&'a mut T),
+    /// The key is absent: a place to insert it without hashing again.
+    Vacant(VacantEntry<'a, T, CHUNK>),
+}
+
+/// An absent key of a [`KeyedSlab`], ready to be inserted.
+pub struct VacantEntry<'a, T, const CHUNK: usize = DEFAULT_CHUNK> {
+    entry: IndexVacant<'a, u32>,
+    chunks: &'a mut Vec<Vec<T>>,
+    len: &'a mut usize,
+}
+
+impl<T, const CHUNK: usize> Default for KeyedSlab<T, CHUNK> {
+    fn default() -> Self {
+        KeyedSlab {
+            chunks: Vec::new(),
+            index: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<T: Clone, const CHUNK: usize> Clone for KeyedSlab<T, CHUNK> {
+    /// Clones chunk by chunk so the copy keeps full-size chunks (a cloned `Vec` would be shrunk
+    /// to its length, and the partly filled one would then grow by reallocating). The hasher
+    /// seed is kept: the index is only valid with it.
+    fn clone(&self) -> Self {
+        let chunks = self
+            .chunks
+            .iter()
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                let mut copy = Vec::with_capacity(CHUNK);
+                copy.extend(c.iter().cloned());
+                copy
+            })
+            .collect();
+        KeyedSlab {
+            chunks,
+            index: self.index.clone(),
+            hasher: self.hasher,
+            len: self.len,
+        }
+    }
+}
+
+impl<T: fmt::Debug, const CHUNK: usize> fmt::Debug for KeyedSlab<T, CHUNK> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.chunks.iter().flatten()).finish()
+    }
+}
+
+/// The value in `slot` (which must be below the store's length).
+fn at<T, const CHUNK: usize>(chunks: &[Vec<T>], slot: usize) -> &T {
+    &chunks[slot / CHUNK][slot % CHUNK]
+}
+
+/// The value in `slot`, mutably (which must be below the store's length).
+fn at_mut<T, const CHUNK: usize>(chunks: &mut [Vec<T>], slot: usize) -> &mut T {
+    &mut chunks[slot / CHUNK][slot % CHUNK]
+}
+
+/// The slot number of the value about to be appended to a store of `len` values.
+fn next_slot(len: usize) -> u32 {
+    u32::try_from(len).expect("KeyedSlab holds at most u32::MAX values")
+}
+
+/// Appends `value` at slot `len`, adding a chunk when the last one is full.
+fn push<T, const CHUNK: usize>(chunks: &mut Vec<Vec<T>>, len: usize, value: T) -> &mut T {
+    let c = len / CHUNK;
+    if c == chunks.len() {
+        chunks.push(Vec::with_capacity(CHUNK));
+    }
+    let chunk = &mut chunks[c];
+    chunk.push(value);
+    let last = chunk.len() - 1;
+    &mut chunk[last]
+}
+
+impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
+    /// An empty store; allocates nothing until the first insertion.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The slot holding `key`.
+    fn find(&self, key: &FlowKey) -> Option<usize> {
+        let chunks = &self.chunks;
+        self.index
+            .find(self.hash(key), |&s| {
+                at::<T, CHUNK>(chunks, s as usize).key() == key
+            })
+            .map(|&s| s as usize)
+    }
+
+    /// Looks a value up.
+    pub fn get(&self, key: &FlowKey) -> Option<&T> {
+        self.find(key).map(|s| at::<T, CHUNK>(&self.chunks, s))
+    }
+
+    /// Looks a value up for changing it. The caller must not change its key: the value would
+    /// then be stored under the wrong hash, unreachable by its new key.
+    pub fn get_mut(&mut self, key: &FlowKey) -> Option<&mut T> {
+        self.find(key)
+            .map(|s| at_mut::<T, CHUNK>(&mut self.chunks, s))
+    }
+
+    /// Whether `key` is stored.
+    pub fn contains_key(&self, key: &FlowKey) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// The value stored under `key`, or a place to insert one: one hash and one probe for a
+    /// read-modify-or-insert.
+    pub fn entry(&mut self, key: &FlowKey) -> Entry<'_, T, CHUNK> {
+        let h = self.hash(key);
+        let KeyedSlab {
+            chunks,
+            index,
+            hasher,
+            len,
+        } = self;
+        let found = {
+            let view: &[Vec<T>] = chunks;
+            index.entry(
+                h,
+                |&s| at::<T, CHUNK>(view, s as usize).key() == key,
+                |&s| hasher.hash_one(at::<T, CHUNK>(view, s as usize).key()),
+            )
+        };
+        match found {
+            IndexEntry::Occupied(e) => {
+                Entry::Occupied(at_mut::<T, CHUNK>(chunks, *e.get() as usize))
+            }
+            IndexEntry::Vacant(entry) => Entry::Vacant(VacantEntry { entry, chunks, len }),
+        }
+    }
+
+    /// Inserts a value under its key; returns the value it replaces, if any.
+    pub fn insert(&mut self, value: T) -> Option<T> {
+        let key = *value.key();
+        match self.entry(&key) {
+            Entry::Occupied(cur) => Some(std::mem::replace(cur, value)),
+            Entry::Vacant(e) => {
+                e.insert(value);
+                None
+            }
+        }
+    }
+
+    /// Removes the value stored under `key`.
+    pub fn remove(&mut self, key: &FlowKey) -> Option<T> {
+        self.remove_if(key, |_| true)
+    }
+
+    /// Removes the value stored under `key` if `pred` accepts it: a conditional delete with one
+    /// hash and one probe.
+    pub fn remove_if(&mut self, key: &FlowKey, pred: impl FnOnce(&T) -> bool) -> Option<T> {
+        let h = self.hash(key);
+        let chunks = &self.chunks;
+        let e = self
+            .index
+            .find_entry(h, |&s| at::<T, CHUNK>(chunks, s as usize).key() == key)
+            .ok()?;
+        if !pred(at::<T, CHUNK>(chunks, *e.get() as usize)) {
+            return None;
+        }
+        let (slot, _) = e.remove();
+        Some(self.take_slot(slot as usize))
+    }
+
+    /// Takes the value out of `slot`, whose index entry the caller already removed: the last
+    /// value moves into the hole (its index entry follows it), then spare chunks are released.
+    fn take_slot(&mut self, slot: usize) -> T {
+        let last = self.len - 1;
+        if slot != last {
+            self.repoint(last, slot);
+        }
+        let moved = self.chunks[last / CHUNK]
+            .pop()
+            .expect("KeyedSlab: the last slot is occupied");
+        self.len = last;
+        let out = if slot == last {
+            moved
+        } else {
+            std::mem::replace(at_mut::<T, CHUNK>(&mut self.chunks, slot), moved)
+        };
+        self.release_spare();
+        out
+    }
+
+    /// Makes the index entry of the value in slot `from` point to slot `to`.
+    fn repoint(&mut self, from: usize, to: usize) {
+        let h = self.hash(at::<T, CHUNK>(&self.chunks, from).key());
+        if let Some(s) = self.index.find_mut(h, |&s| s as usize == from) {
+            *s = to as u32;
+        }
+    }
+
+    /// Frees chunks beyond the one spare past the occupied ones, and shrinks the index once it
+    /// is mostly empty (to twice the length, so that shrinking again needs many removals).
+    fn release_spare(&mut self) {
+        let keep = self.len.div_ceil(CHUNK) + 1;
+        if self.chunks.len() > keep {
+            self.chunks.truncate(keep);
+        }
+        if self.index.capacity() > 64 && self.len * 4 < self.index.capacity() {
+            let (chunks, hasher) = (&self.chunks, &self.hasher);
+            self.index.shrink_to(self.len * 2, |&s| {
+                hasher.hash_one(at::<T, CHUNK>(chunks, s as usize).key())
+            });
+        }
+    }
+
+    /// Keeps only the values for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        let mut slot = 0;
+        while slot < self.len {
+            if keep(at::<T, CHUNK>(&self.chunks, slot)) {
+                slot += 1;
+                continue;
+            }
+            // The slot now holds what was the last value: look at it again.
+            let h = self.hash(at::<T, CHUNK>(&self.chunks, slot).key());
+            if let Ok(e) = self.index.find_entry(h, |&s| s as usize == slot) {
+                e.remove();
+            }
+            self.take_slot(slot);
+        }
+    }
+
+    /// Makes room for `additional` more values in the index, so that filling the store from a
+    /// dump of known size does not rehash on the way.
+    pub fn reserve(&mut self, additional: usize) {
+        let (chunks, hasher) = (&self.chunks, &self.hasher);
+        self.index.reserve(additional, |&s| {
+            hasher.hash_one(at::<T, CHUNK>(chunks, s as usize).key())
+        });
+    }
+
+    /// Iterates in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+
+    /// Iterates mutably in no particular order. The caller must not change keys (see
+    /// [`KeyedSlab::get_mut`]).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.chunks.iter_mut().flatten()
+    }
+
+    /// Removes every value and frees all storage (the hasher seed stays).
+    pub fn clear(&mut self) {
+        self.chunks = Vec::new();
+        self.index = HashTable::new();
+        self.len = 0;
+    }
+
+    /// Heap bytes of the store itself: chunks, chunk list and index. What the values own
+    /// (boxed attributes) is theirs to count.
+    pub fn heap_bytes(&self) -> usize {
+        let values: usize = self
+            .chunks
+            .iter()
+            .map(|c| c.capacity() * size_of::<T>())
+            .sum();
+        values + self.chunks.capacity() * size_of::<Vec<T>>() + self.index.allocation_size()
+    }
+}
+
+impl<'a, T: Keyed, const CHUNK: usize> VacantEntry<'a, T, CHUNK> {
+    /// Inserts `value`, which must carry the key the entry was looked up with.
+    pub fn insert(self, value: T) -> &'a mut T {
+        let slot = next_slot(*self.len);
+        self.entry.insert(slot);
+        let stored = push::<T, CHUNK>(self.chunks, *self.len, value);
+        *self.len += 1;
+        stored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{proto, Tuple, Zone, L4};
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            zone: Zone::default(),
+            orig: Tuple {
+                src: "10.0.0.1".parse().unwrap(),
+                dst: "10.0.0.2".parse().unwrap(),
+                proto: proto::UDP,
+                l4: L4::Ports { src: port, dst: 53 },
+            },
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Item {
+        key: FlowKey,
+        val: u32,
+    }
+
+    impl Keyed for Item {
+        fn key(&self) -> &FlowKey {
+            &self.key
+        }
+    }
+
+    fn item(port: u16, val: u32) -> Item {
+        Item {
+            key: key(port),
+            val,
+        }
+    }
+
+    /// Small chunks, so that tests cross chunk boundaries.
+    type Small = KeyedSlab<Item, 4>;
+
+    fn sorted(s: &Small) -> Vec<(u16, u32)> {
+        let mut v: Vec<(u16, u32)> = s
+            .iter()
+            .map(|i| match i.key.orig.l4 {
+                L4::Ports { src, .. } => (src, i.val),
+                _ => (0, i.val),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn insert_replace_get_remove() {
+        let mut s = Small::new();
+        assert!(s.is_empty());
+        assert_eq!(s.insert(item(1, 10)), None);
+        assert_eq!(s.insert(item(2, 20)), None);
+        assert_eq!(s.insert(item(1, 11)), Some(item(1, 10)));
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.get(&key(1)).map(|i| i.val), Some(11));
+        s.get_mut(&key(2)).unwrap().val = 21;
+        assert_eq!(s.remove_if(&key(2), |i| i.val == 20), None);
+        assert_eq!(s.remove_if(&key(2), |i| i.val == 21), Some(item(2, 21)));
+        assert_eq!(s.remove(&key(2)), None);
+        assert_eq!(sorted(&s), vec![(1, 11)]);
+        assert!(s.contains_key(&key(1)) && !s.contains_key(&key(3)));
+    }
+
+    #[test]
+    fn removing_a_middle_value_keeps_the_moved_one_reachable() {
+        let mut s = Small::new();
+        for p in 0..10 {
+            s.insert(item(p, p.into()));
+        }
+        // Slot 3 is refilled from the last slot (port 9): it must still be found, updated
+        // and removed through its own key.
+        assert_eq!(s.remove(&key(3)).map(|i| i.val), Some(3));
+        assert_eq!(s.get(&key(9)).map(|i| i.val), Some(9));
+        s.get_mut(&key(9)).unwrap().val = 90;
+        assert_eq!(s.remove(&key(9)).map(|i| i.val), Some(90));
+        assert_eq!(s.len(), 8);
+        for p in (0..9).filter(|&p| p != 3) {
+            assert_eq!(s.get(&key(p)).map(|i| i.val), Some(p.into()));
+        }
+    }
+
+    #[test]
+    fn many_keys() {
+        let mut s: KeyedSlab<Item> = KeyedSlab::new();
+        for p in 0..50_000u16 {
+            s.insert(item(p, p.into()));
+        }
+        assert_eq!(s.len(), 50_000);
+        for p in (0..50_000u16).step_by(3) {
+            assert!(s.remove(&key(p)).is_some());
+        }
+        for p in 0..50_000u16 {
+            let want = (p % 3 != 0).then_some(u32::from(p));
+            assert_eq!(s.get(&key(p)).map(|i| i.val), want, "port {p}");
+        }
+        assert_eq!(s.iter().count(), s.len());
+    }
+
+    #[test]
+    fn entry_inserts_or_updates() {
+        let mut s = Small::new();
+        for round in 0..2 {
+            match s.entry(&key(5)) {
+                Entry::Occupied(cur) => cur.val += 1,
+                Entry::Vacant(e) => e.insert(item(5, 100)).val += round,
+            }
+        }
+        assert_eq!(s.get(&key(5)).map(|i| i.val), Some(101));
+    }
+
+    #[test]
+    fn retain_removes_and_keeps_the_rest_reachable() {
+        let mut s = Small::new();
+        for p in 0..30 {
+            s.insert(item(p, p.into()));
+        }
+        s.retain(|i| i.val % 3 == 0);
+        assert_eq!(s.len(), 10);
+        for p in 0..30 {
+            assert_eq!(s.contains_key(&key(p)), p % 3 == 0, "port {p}");
+        }
+    }
+
+    #[test]
+    fn heap_bytes_grows_and_shrinks() {
+        let mut s: KeyedSlab<Item> = KeyedSlab::new();
+        assert_eq!(s.heap_bytes(), 0);
+        for p in 0..10_000 {
+            s.insert(item(p, 0));
+        }
+        let full = s.heap_bytes();
+        let values = 10_000 * size_of::<Item>();
+        assert!(full >= values && full < values * 2, "{full} for {values}");
+        for p in 0..9_000 {
+            s.remove(&key(p));
+        }
+        let after = s.heap_bytes();
+        assert!(after < full / 4, "{after} after removals, {full} full");
+        s.clear();
+        assert_eq!(s.heap_bytes(), 0);
+        assert!(s.is_empty() && s.iter().next().is_none());
+        s.insert(item(1, 1));
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn clone_is_independent_and_equal() {
+        let mut s = Small::new();
+        for p in 0..9 {
+            s.insert(item(p, p.into()));
+        }
+        let mut c = s.clone();
+        c.remove(&key(0));
+        c.insert(item(20, 20));
+        assert_eq!(s.len(), 9);
+        assert_eq!(c.get(&key(20)).map(|i| i.val), Some(20));
+        assert_eq!(c.get(&key(8)).map(|i| i.val), Some(8));
+    }
+
+    #[test]
+    fn options_of_stored_values_need_no_extra_room() {
+        // Chunks could hold `Option<T>` for free slots: worth knowing it costs nothing.
+        assert_eq!(size_of::<Option<Flow>>(), size_of::<Flow>());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u16, u32),
+        Remove(u16),
+        Update(u16, u32),
+        Retain(u32),
+        Clear,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..64u16, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
+            4 => (0..64u16).prop_map(Op::Remove),
+            2 => (0..64u16, any::<u32>()).prop_map(|(k, v)| Op::Update(k, v)),
+            1 => (2..5u32).prop_map(Op::Retain),
+            1 => Just(Op::Clear),
+        ]
+    }
+
+    fn apply(s: &mut Small, model: &mut HashMap<FlowKey, u32>, op: &Op) {
+        match *op {
+            Op::Insert(k, v) => {
+                let old = s.insert(item(k, v)).map(|i| i.val);
+                assert_eq!(old, model.insert(key(k), v));
+            }
+            Op::Remove(k) => {
+                let old = s.remove(&key(k)).map(|i| i.val);
+                assert_eq!(old, model.remove(&key(k)));
+            }
+            Op::Update(k, v) => {
+                if let Some(i) = s.get_mut(&key(k)) {
+                    i.val = v;
+                }
+                if let Some(m) = model.get_mut(&key(k)) {
+                    *m = v;
+                }
+            }
+            Op::Retain(m) => {
+                s.retain(|i| i.val % m != 0);
+                model.retain(|_, v| *v % m != 0);
+            }
+            Op::Clear => {
+                s.clear();
+                model.clear();
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_hash_map(ops in proptest::collection::vec(op(), 0..300)) {
+            let mut s = Small::new();
+            let mut model = HashMap::new();
+            for op in &ops {
+                apply(&mut s, &mut model, op);
+                prop_assert_eq!(s.len(), model.len());
+            }
+            for k in 0..64 {
+                prop_assert_eq!(s.get(&key(k)).map(|i| i.val), model.get(&key(k)).copied());
+            }
+            let got: HashMap<FlowKey, u32> = s.iter().map(|i| (i.key, i.val)).collect();
+            prop_assert_eq!(s.iter().count(), got.len());
+            prop_assert_eq!(got, model);
+        }
+    }
+}
