@@ -88,7 +88,10 @@ fn report(what: &str, n: usize, base: &Baseline, heap_bytes: Option<usize>) {
     println!("  live heap         {:8.1} B/flow", per(live));
     println!("  peak heap         {:8.1} B/flow", per(peak));
     println!("  RSS growth        {:8.1} B/flow", per(rss_now - base.rss));
-    println!("  peak RSS growth   {:8.1} B/flow", per(hwm.saturating_sub(base.rss)));
+    println!(
+        "  peak RSS growth   {:8.1} B/flow",
+        per(hwm.saturating_sub(base.rss))
+    );
 }
 
 fn fill_table(n: usize) {
@@ -129,7 +132,7 @@ fn fill_origin(n: usize) {
         };
         cache.apply_batch(&batch, Duration::ZERO);
     }
-    report("OriginCache", n, &base, None);
+    report("OriginCache", n, &base, Some(cache.heap_bytes()));
     // Tombstones: delete a quarter, as a churning origin would.
     let deletes: Vec<(u64, FlowKey)> = (0..n)
         .step_by(4)
@@ -143,7 +146,11 @@ fn fill_origin(n: usize) {
         deletes,
     };
     cache.apply_batch(&batch, Duration::ZERO);
-    println!("  after deleting a quarter: {} flows", cache.len());
+    println!(
+        "  after deleting a quarter: {} flows, heap_bytes {} (tombstones included)",
+        cache.len(),
+        cache.heap_bytes()
+    );
 }
 
 fn main() {

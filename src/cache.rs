@@ -7,25 +7,21 @@
 
 use crate::flow::{Flow, FlowKey, Present};
 use crate::netlink::{CtEventKind, CtMessage};
-use hashbrown::hash_table::{Entry, HashTable};
-use hashbrown::DefaultHashBuilder;
-use std::hash::BuildHasher;
+use crate::slab::{Entry, KeyedSlab};
 
 /// A set of flows indexed by zone and original tuple.
+///
+/// Flows live in a [`KeyedSlab`] (dense chunks plus an index of slot numbers) rather than inline
+/// in a hash table, whose empty buckets would each cost a whole flow.
 #[derive(Debug, Default, Clone)]
 pub struct FlowTable {
-    table: HashTable<Flow>,
-    hasher: DefaultHashBuilder,
+    table: KeyedSlab<Flow>,
 }
 
 impl FlowTable {
     /// An empty table.
     pub fn new() -> FlowTable {
         FlowTable::default()
-    }
-
-    fn hash(&self, key: &FlowKey) -> u64 {
-        self.hasher.hash_one(key)
     }
 
     /// Number of flows.
@@ -40,46 +36,25 @@ impl FlowTable {
 
     /// Looks a flow up.
     pub fn get(&self, key: &FlowKey) -> Option<&Flow> {
-        self.table.find(self.hash(key), |f| f.key == *key)
+        self.table.get(key)
     }
 
     /// Inserts or replaces a flow; returns the previous one.
     pub fn insert(&mut self, flow: Flow) -> Option<Flow> {
-        let h = self.hash(&flow.key);
-        let hasher = &self.hasher;
-        match self
-            .table
-            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(f.key))
-        {
-            Entry::Occupied(mut e) => Some(std::mem::replace(e.get_mut(), flow)),
-            Entry::Vacant(e) => {
-                e.insert(flow);
-                None
-            }
-        }
+        self.table.insert(flow)
     }
 
     /// Removes a flow.
     pub fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
-        let h = self.hash(key);
-        self.table
-            .find_entry(h, |f| f.key == *key)
-            .ok()
-            .map(|e| e.remove().0)
+        self.table.remove(key)
     }
 
     /// Merges a partial update into an existing flow, or inserts it when unknown.
     ///
     /// Returns whether the flow's state (everything but the timeout) changed.
     pub fn merge(&mut self, flow: &Flow, present: Present) -> bool {
-        let h = self.hash(&flow.key);
-        let hasher = &self.hasher;
-        match self
-            .table
-            .entry(h, |f| f.key == flow.key, |f| hasher.hash_one(f.key))
-        {
-            Entry::Occupied(mut e) => {
-                let cur = e.get_mut();
+        match self.table.entry(&flow.key) {
+            Entry::Occupied(cur) => {
                 let before = cur.clone();
                 cur.merge(flow, present);
                 !cur.same_state(&before)
@@ -101,27 +76,31 @@ impl FlowTable {
         self.table.clear();
     }
 
-    /// Bytes of heap the table uses (slots times flow size, plus boxed attributes).
-    pub fn heap_bytes(&self) -> usize {
-        let slots = self.table.allocation_size();
-        let boxed: usize = self
-            .table
-            .iter()
-            .map(|f| {
-                f.helper.as_ref().map_or(0, |h| h.len())
-                    + f.master
-                        .as_ref()
-                        .map_or(0, |_| std::mem::size_of::<crate::flow::Tuple>())
-                    + f.seq_adj
-                        .as_ref()
-                        .map_or(0, |_| std::mem::size_of::<crate::flow::SeqAdj>())
-                    + f.synproxy
-                        .as_ref()
-                        .map_or(0, |_| std::mem::size_of::<crate::flow::Synproxy>())
-            })
-            .sum();
-        slots + boxed
+    /// Makes room for `additional` more flows, so that loading a dump does not rehash.
+    pub fn reserve(&mut self, additional: usize) {
+        self.table.reserve(additional);
     }
+
+    /// Bytes of heap the table uses (value chunks and index, plus boxed attributes).
+    pub fn heap_bytes(&self) -> usize {
+        let boxed: usize = self.table.iter().map(boxed_bytes).sum();
+        self.table.heap_bytes() + boxed
+    }
+}
+
+/// Heap bytes a flow owns through its boxed rare attributes.
+pub(crate) fn boxed_bytes(f: &Flow) -> usize {
+    use std::mem::size_of;
+    f.helper.as_ref().map_or(0, |h| h.len())
+        + f.master
+            .as_ref()
+            .map_or(0, |_| size_of::<crate::flow::Tuple>())
+        + f.seq_adj
+            .as_ref()
+            .map_or(0, |_| size_of::<crate::flow::SeqAdj>())
+        + f.synproxy
+            .as_ref()
+            .map_or(0, |_| size_of::<crate::flow::Synproxy>())
 }
 
 /// A change of the mirrored table, for the replication layer.
@@ -281,9 +260,7 @@ impl Mirror {
     /// Returns the flows whose state differs from what the mirror held, and whether to dump again.
     pub fn dump_complete(&mut self, dump: Vec<Flow>) -> (Vec<Change>, MirrorAction) {
         let mut fresh = FlowTable::new();
-        fresh
-            .table
-            .reserve(dump.len(), |f| fresh.hasher.hash_one(f.key));
+        fresh.reserve(dump.len());
         for flow in dump {
             fresh.insert(flow);
         }

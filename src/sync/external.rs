@@ -5,10 +5,9 @@
 
 use super::message::Batch;
 use crate::flow::{Flow, FlowKey};
-use hashbrown::hash_table::{Entry, HashTable};
-use hashbrown::DefaultHashBuilder;
+use crate::slab::{Entry, Keyed, KeyedSlab};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::BuildHasher;
+use std::mem::size_of;
 use std::time::Duration;
 
 /// A flow learnt from a peer.
@@ -32,6 +31,12 @@ impl ExternalFlow {
     }
 }
 
+impl Keyed for ExternalFlow {
+    fn key(&self) -> &FlowKey {
+        &self.flow.key
+    }
+}
+
 /// Bound on remembered deletions per origin (they only guard against reordered old updates).
 const TOMBSTONES: usize = 65_536;
 /// Bound on out-of-order sequence numbers remembered per origin.
@@ -41,9 +46,11 @@ const SEQ_WINDOW: usize = 4096;
 #[derive(Debug, Default)]
 pub struct OriginCache {
     epoch: u64,
-    flows: HashTable<ExternalFlow>,
-    hasher: DefaultHashBuilder,
-    tombstones: HashMap<FlowKey, u64>,
+    /// Dense chunks plus an index of slot numbers: no empty bucket costs a whole flow.
+    flows: KeyedSlab<ExternalFlow>,
+    /// Deleted keys and the version that deleted them; foldhash, randomly seeded (keys come
+    /// from a peer, so the hash must stay unpredictable).
+    tombstones: hashbrown::HashMap<FlowKey, u64>,
     tombstone_order: VecDeque<FlowKey>,
     /// Every sequence up to this one has been applied.
     contiguous: u64,
@@ -100,8 +107,7 @@ impl OriginCache {
 
     /// Looks a flow up.
     pub fn get(&self, key: &FlowKey) -> Option<&ExternalFlow> {
-        self.flows
-            .find(self.hasher.hash_one(key), |f| f.flow.key == *key)
+        self.flows.get(key)
     }
 
     /// The origin announced an epoch. A new epoch restarts sequence tracking; the flows stay
@@ -178,15 +184,8 @@ impl OriginCache {
         }
         let mut changed = true;
         let generation = self.generation;
-        let h = self.hasher.hash_one(flow.key);
-        let hasher = &self.hasher;
-        match self.flows.entry(
-            h,
-            |f| f.flow.key == flow.key,
-            |f| hasher.hash_one(f.flow.key),
-        ) {
-            Entry::Occupied(mut e) => {
-                let cur = e.get_mut();
+        match self.flows.entry(&flow.key) {
+            Entry::Occupied(cur) => {
                 // The origin still has the flow, whatever the version: confirmed by a snapshot.
                 cur.generation = generation;
                 if version > cur.version {
@@ -212,12 +211,12 @@ impl OriginCache {
     }
 
     fn delete(&mut self, version: u64, key: &FlowKey) {
-        let h = self.hasher.hash_one(key);
-        if let Ok(e) = self.flows.find_entry(h, |f| f.flow.key == *key) {
-            if e.get().version <= version {
-                e.remove();
-                self.logged(*key, true);
-            }
+        if self
+            .flows
+            .remove_if(key, |f| f.version <= version)
+            .is_some()
+        {
+            self.logged(*key, true);
         }
         if self.tombstones.insert(*key, version).is_none() {
             self.tombstone_order.push_back(*key);
@@ -266,6 +265,19 @@ impl OriginCache {
     /// Drops every flow (operator's flush).
     pub fn clear(&mut self) {
         self.flows.clear();
+    }
+
+    /// Bytes of heap held: flows (with their boxed attributes) and tombstones.
+    pub fn heap_bytes(&self) -> usize {
+        let boxed: usize = self
+            .flows
+            .iter()
+            .map(|f| crate::cache::boxed_bytes(&f.flow))
+            .sum();
+        self.flows.heap_bytes()
+            + boxed
+            + self.tombstones.allocation_size()
+            + self.tombstone_order.capacity() * size_of::<FlowKey>()
     }
 }
 
