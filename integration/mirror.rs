@@ -566,6 +566,12 @@ fn burst_250k_default_config() {
         Some(ctsync::config::DEFAULT_EVENT_BUFFER as u64),
         "default event buffer: {synced}"
     );
+    let pid = synced["pid"].as_u64().expect("status has the pid");
+    assert_eq!(
+        thread_policies(pid),
+        vec![(libc::SCHED_RR as u32, 1)],
+        "every thread of ctsyncd runs SCHED_RR at priority 1 by default"
+    );
 
     let injected = flows::mixed(N);
     let mut w = kernel::writer(&ns, 2);
@@ -603,6 +609,23 @@ fn burst_250k_default_config() {
     );
     let exit = daemon.stop();
     assert!(exit.success(), "ctsyncd exited with {exit} on SIGTERM");
+}
+
+/// The distinct (policy, real-time priority) pairs of a process's threads.
+fn thread_policies(pid: u64) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("reading the daemon's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces); field 40 is the real-time
+            // priority, 41 the policy.
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((f.get(38)?.parse().ok()?, f.get(37)?.parse().ok()?))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// `syncctl` fails with a message, not a hang or a panic, when no daemon listens.

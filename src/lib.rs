@@ -13,6 +13,7 @@
 //! - [`wire`]: the peer messages' protobuf form, validated on decode (a peer is a trust boundary).
 //! - [`netns`]: entering network namespaces (tests, benchmarks, demo tooling).
 //! - [`pki`]: the cluster CA and node certificates for mutual TLS between peers.
+//! - [`process`]: CPU scheduling of the daemon (real-time by default, like conntrackd).
 #![warn(missing_docs)]
 
 pub mod cache;
@@ -26,6 +27,7 @@ pub mod netlink;
 pub mod netns;
 pub mod notify;
 pub mod pki;
+pub mod process;
 pub mod replication;
 pub mod slab;
 pub mod sync;

@@ -35,6 +35,17 @@ fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = ctsync::config::Config::load(&args.config).context("invalid configuration")?;
+    // Before the runtime starts its threads, so that they all inherit the policy.
+    match ctsync::process::apply(&cfg.process) {
+        Ok(applied) => tracing::debug!(?applied, policy = ?cfg.process.scheduler, "scheduling"),
+        Err(e) => tracing::warn!(
+            policy = ?cfg.process.scheduler,
+            priority = cfg.process.priority,
+            error = %e,
+            "cannot use the configured CPU scheduling (needs CAP_SYS_NICE, or set \
+             [process] scheduler = \"other\"); running with the default scheduler"
+        ),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
