@@ -46,10 +46,30 @@ pub struct KeyedSlab<T, const CHUNK: usize = DEFAULT_CHUNK> {
     /// Value storage; every chunk is allocated with room for exactly `CHUNK` values, so pushing
     /// never reallocates. At most one chunk past the last occupied one is kept (a spare).
     chunks: Vec<Vec<T>>,
-    /// Slot numbers, hashed by the key of the value in the slot.
-    index: HashTable<u32>,
+    /// Slot numbers with their key's hash: growing the index rehashes from the stored hash,
+    /// without reading every value (a cache miss each, which was most of a rehash).
+    index: HashTable<Ix>,
     hasher: DefaultHashBuilder,
     len: usize,
+}
+
+/// An index entry: a slot number and 32 bits of its key's hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ix {
+    pub(crate) slot: u32,
+    pub(crate) hash: u32,
+}
+
+/// The 64-bit hash the index works with, rebuilt from 32 stored bits: hashbrown takes the
+/// bucket from the low bits and its tag byte from the top 7, both present here.
+pub(crate) fn spread(hash: u32) -> u64 {
+    (u64::from(hash) << 32) | u64::from(hash)
+}
+
+/// 32 bits of a key's hash, as stored in an [`Ix`].
+pub(crate) fn hash32(hasher: &DefaultHashBuilder, key: &FlowKey) -> u32 {
+    let h = hasher.hash_one(key);
+    (h ^ (h >> 32)) as u32
 }
 
 /// Where a key stands in a [`KeyedSlab`], from [`KeyedSlab::entry`].
@@ -62,7 +82,8 @@ pub enum Entry<'a, T, const CHUNK: usize = DEFAULT_CHUNK> {
 
 /// An absent key of a [`KeyedSlab`], ready to be inserted.
 pub struct VacantEntry<'a, T, const CHUNK: usize = DEFAULT_CHUNK> {
-    entry: IndexVacant<'a, u32>,
+    entry: IndexVacant<'a, Ix>,
+    hash: u32,
     chunks: &'a mut Vec<Vec<T>>,
     len: &'a mut usize,
 }
@@ -141,8 +162,8 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
         Self::default()
     }
 
-    fn hash(&self, key: &FlowKey) -> u64 {
-        self.hasher.hash_one(key)
+    fn hash(&self, key: &FlowKey) -> u32 {
+        hash32(&self.hasher, key)
     }
 
     /// Number of values.
@@ -158,11 +179,12 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
     /// The slot holding `key`.
     fn find(&self, key: &FlowKey) -> Option<usize> {
         let chunks = &self.chunks;
+        let h = self.hash(key);
         self.index
-            .find(self.hash(key), |&s| {
-                at::<T, CHUNK>(chunks, s as usize).key() == key
+            .find(spread(h), |ix| {
+                ix.hash == h && at::<T, CHUNK>(chunks, ix.slot as usize).key() == key
             })
-            .map(|&s| s as usize)
+            .map(|ix| ix.slot as usize)
     }
 
     /// Looks a value up.
@@ -187,24 +209,26 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
     pub fn entry(&mut self, key: &FlowKey) -> Entry<'_, T, CHUNK> {
         let h = self.hash(key);
         let KeyedSlab {
-            chunks,
-            index,
-            hasher,
-            len,
+            chunks, index, len, ..
         } = self;
         let found = {
             let view: &[Vec<T>] = chunks;
             index.entry(
-                h,
-                |&s| at::<T, CHUNK>(view, s as usize).key() == key,
-                |&s| hasher.hash_one(at::<T, CHUNK>(view, s as usize).key()),
+                spread(h),
+                |ix| ix.hash == h && at::<T, CHUNK>(view, ix.slot as usize).key() == key,
+                |ix| spread(ix.hash),
             )
         };
         match found {
             IndexEntry::Occupied(e) => {
-                Entry::Occupied(at_mut::<T, CHUNK>(chunks, *e.get() as usize))
+                Entry::Occupied(at_mut::<T, CHUNK>(chunks, e.get().slot as usize))
             }
-            IndexEntry::Vacant(entry) => Entry::Vacant(VacantEntry { entry, chunks, len }),
+            IndexEntry::Vacant(entry) => Entry::Vacant(VacantEntry {
+                entry,
+                hash: h,
+                chunks,
+                len,
+            }),
         }
     }
 
@@ -232,13 +256,15 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
         let chunks = &self.chunks;
         let e = self
             .index
-            .find_entry(h, |&s| at::<T, CHUNK>(chunks, s as usize).key() == key)
+            .find_entry(spread(h), |ix| {
+                ix.hash == h && at::<T, CHUNK>(chunks, ix.slot as usize).key() == key
+            })
             .ok()?;
-        if !pred(at::<T, CHUNK>(chunks, *e.get() as usize)) {
+        if !pred(at::<T, CHUNK>(chunks, e.get().slot as usize)) {
             return None;
         }
-        let (slot, _) = e.remove();
-        Some(self.take_slot(slot as usize))
+        let (ix, _) = e.remove();
+        Some(self.take_slot(ix.slot as usize))
     }
 
     /// Takes the value out of `slot`, whose index entry the caller already removed: the last
@@ -264,8 +290,11 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
     /// Makes the index entry of the value in slot `from` point to slot `to`.
     fn repoint(&mut self, from: usize, to: usize) {
         let h = self.hash(at::<T, CHUNK>(&self.chunks, from).key());
-        if let Some(s) = self.index.find_mut(h, |&s| s as usize == from) {
-            *s = to as u32;
+        if let Some(ix) = self
+            .index
+            .find_mut(spread(h), |ix| ix.slot as usize == from)
+        {
+            ix.slot = to as u32;
         }
     }
 
@@ -277,10 +306,7 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
             self.chunks.truncate(keep);
         }
         if self.index.capacity() > 64 && self.len * 4 < self.index.capacity() {
-            let (chunks, hasher) = (&self.chunks, &self.hasher);
-            self.index.shrink_to(self.len * 2, |&s| {
-                hasher.hash_one(at::<T, CHUNK>(chunks, s as usize).key())
-            });
+            self.index.shrink_to(self.len * 2, |ix| spread(ix.hash));
         }
     }
 
@@ -294,7 +320,10 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
             }
             // The slot now holds what was the last value: look at it again.
             let h = self.hash(at::<T, CHUNK>(&self.chunks, slot).key());
-            if let Ok(e) = self.index.find_entry(h, |&s| s as usize == slot) {
+            if let Ok(e) = self
+                .index
+                .find_entry(spread(h), |ix| ix.slot as usize == slot)
+            {
                 e.remove();
             }
             self.take_slot(slot);
@@ -304,10 +333,7 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
     /// Makes room for `additional` more values in the index, so that filling the store from a
     /// dump of known size does not rehash on the way.
     pub fn reserve(&mut self, additional: usize) {
-        let (chunks, hasher) = (&self.chunks, &self.hasher);
-        self.index.reserve(additional, |&s| {
-            hasher.hash_one(at::<T, CHUNK>(chunks, s as usize).key())
-        });
+        self.index.reserve(additional, |ix| spread(ix.hash));
     }
 
     /// Iterates in no particular order.
@@ -344,7 +370,10 @@ impl<'a, T: Keyed, const CHUNK: usize> VacantEntry<'a, T, CHUNK> {
     /// Inserts `value`, which must carry the key the entry was looked up with.
     pub fn insert(self, value: T) -> &'a mut T {
         let slot = next_slot(*self.len);
-        self.entry.insert(slot);
+        self.entry.insert(Ix {
+            slot,
+            hash: self.hash,
+        });
         let stored = push::<T, CHUNK>(self.chunks, *self.len, value);
         *self.len += 1;
         stored

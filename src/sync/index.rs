@@ -7,9 +7,9 @@
 //! passed them, or until there are too many, in which case lagging peers get a snapshot.
 
 use crate::flow::FlowKey;
+use crate::slab::{hash32, spread, Ix};
 use hashbrown::hash_table::HashTable;
 use hashbrown::DefaultHashBuilder;
-use std::hash::BuildHasher;
 
 /// What the index knows of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,7 @@ pub struct ChangeIndex {
     slots: Vec<Slot>,
     dead: usize,
     /// Position in `slots` of each key's current slot.
-    keys: HashTable<u32>,
+    keys: HashTable<Ix>,
     hasher: DefaultHashBuilder,
     tombstones: usize,
     /// Tombstones up to this version were dropped: a peer behind it missed deletions.
@@ -92,31 +92,34 @@ impl ChangeIndex {
 
     /// The current slot of `key`.
     fn current(&self, key: &FlowKey) -> Option<&Slot> {
-        let hash = self.hasher.hash_one(key);
+        let h = hash32(&self.hasher, key);
         let slots = &self.slots;
-        let i = self.keys.find(hash, |&i| slots[i as usize].key == *key)?;
-        Some(&slots[*i as usize])
+        let ix = self.keys.find(spread(h), |ix| {
+            ix.hash == h && slots[ix.slot as usize].key == *key
+        })?;
+        Some(&slots[ix.slot as usize])
     }
 
     /// Records a change of `key` at `now_secs`; returns its new version.
     pub fn touch(&mut self, key: FlowKey, deleted: bool, timeout: u32, now_secs: u64) -> u64 {
         let version = self.next;
         self.next += 1;
-        let hash = self.hasher.hash_one(key);
+        let h = hash32(&self.hasher, &key);
         let pos = u32::try_from(self.slots.len()).expect("fewer than 2^32 slots");
         let slots = &mut self.slots;
-        match self.keys.find_mut(hash, |&i| slots[i as usize].key == key) {
-            Some(i) => {
-                let old = &mut slots[*i as usize];
+        match self.keys.find_mut(spread(h), |ix| {
+            ix.hash == h && slots[ix.slot as usize].key == key
+        }) {
+            Some(ix) => {
+                let old = &mut slots[ix.slot as usize];
                 self.tombstones -= usize::from(old.state == SlotState::Tombstone);
                 old.state = SlotState::Dead;
                 self.dead += 1;
-                *i = pos;
+                ix.slot = pos;
             }
             None => {
-                let hasher = &self.hasher;
-                self.keys
-                    .insert_unique(hash, pos, |&i| hasher.hash_one(slots[i as usize].key));
+                let ix = Ix { slot: pos, hash: h };
+                self.keys.insert_unique(spread(h), ix, |ix| spread(ix.hash));
             }
         }
         slots.push(Slot {
@@ -216,8 +219,8 @@ impl ChangeIndex {
 
     /// Turns the tombstone at `i` into a dead slot and forgets its key.
     fn bury(&mut self, i: usize) {
-        let hash = self.hasher.hash_one(self.slots[i].key);
-        if let Ok(e) = self.keys.find_entry(hash, |&p| p as usize == i) {
+        let h = hash32(&self.hasher, &self.slots[i].key);
+        if let Ok(e) = self.keys.find_entry(spread(h), |ix| ix.slot as usize == i) {
             e.remove();
         }
         self.slots[i].state = SlotState::Dead;
@@ -239,17 +242,18 @@ impl ChangeIndex {
         self.keys.clear();
         let (slots, hasher) = (&self.slots, &self.hasher);
         for (i, s) in slots.iter().enumerate() {
+            let ix = Ix {
+                slot: i as u32,
+                hash: hash32(hasher, &s.key),
+            };
             self.keys
-                .insert_unique(hasher.hash_one(s.key), i as u32, |&j| {
-                    hasher.hash_one(slots[j as usize].key)
-                });
+                .insert_unique(spread(ix.hash), ix, |ix| spread(ix.hash));
         }
     }
 
     /// Heap bytes held (for status and benchmarks).
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>()
-            + self.keys.capacity() * (std::mem::size_of::<u32>() + 1)
+        self.slots.capacity() * std::mem::size_of::<Slot>() + self.keys.allocation_size()
     }
 }
 
