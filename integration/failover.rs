@@ -167,7 +167,7 @@ fn scenario(setup: Setup) -> Outcome {
                     .iter()
                     .filter(|(name, s)| {
                         find_stream(ext.iter().map(|e| &e.flow), name, s).is_none_or(|f| {
-                            s.proto == "tcp" && f.protoinfo.state_name() != "ESTABLISHED"
+                            s.proto == "tcp" && f.protoinfo().state_name() != "ESTABLISHED"
                         })
                     })
                     .map(|(name, _)| name)

@@ -130,10 +130,10 @@ fn check_real_flows(traffic: &Traffic, flows: &[Flow]) -> Result<(), String> {
                         }
             })
             .ok_or_else(|| format!("no flow for the TCP connection {client} -> {server}"))?;
-        let established = matches!(f.protoinfo, ProtoInfo::Tcp(t) if t.state == 3);
+        let established = matches!(f.protoinfo(), ProtoInfo::Tcp(t) if t.state == 3);
         let assured = f.status & (status::ASSURED | status::SEEN_REPLY | status::CONFIRMED)
             == status::ASSURED | status::SEEN_REPLY | status::CONFIRMED;
-        if !established || !assured || f.labels & label == 0 || f.reply != f.key.orig.inverse() {
+        if !established || !assured || f.labels() & label == 0 || f.reply != f.key.orig.inverse() {
             return Err(format!(
                 "TCP connection {client} -> {server} tracked as {f:?}"
             ));
@@ -153,7 +153,7 @@ fn check_real_flows(traffic: &Traffic, flows: &[Flow]) -> Result<(), String> {
                         }
             })
             .ok_or_else(|| format!("no flow for the echo requests of protocol {p}"))?;
-        if f.status & status::SEEN_REPLY == 0 || f.labels & label == 0 {
+        if f.status & status::SEEN_REPLY == 0 || f.labels() & label == 0 {
             return Err(format!("echo flow tracked as {f:?}"));
         }
     }
@@ -274,7 +274,7 @@ fn updates_and_deletes_within_one_second() {
     assert!(changed
         .iter()
         .zip(base.iter().step_by(3))
-        .all(|(c, b)| c.mark != b.mark && c.labels != b.labels));
+        .all(|(c, b)| c.mark != b.mark && c.labels() != b.labels()));
     let expected: Vec<Flow> = changed.iter().chain(kept).map(as_created).collect();
 
     let t_write = Instant::now();
@@ -669,7 +669,7 @@ fn upsert_clears_labels() {
     let mut w = kernel::writer(&ns, 1);
     let labelled: Vec<Flow> = flows::mixed(26)
         .into_iter()
-        .filter(|f| f.labels != 0)
+        .filter(|f| f.labels() != 0)
         .collect();
     assert!(!labelled.is_empty());
     assert_report(
@@ -681,7 +681,7 @@ fn upsert_clears_labels() {
         .iter()
         .map(|f| {
             let mut c = f.clone();
-            c.labels = 0;
+            c.set_labels(0);
             c
         })
         .collect();

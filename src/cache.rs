@@ -90,17 +90,7 @@ impl FlowTable {
 
 /// Heap bytes a flow owns through its boxed rare attributes.
 pub(crate) fn boxed_bytes(f: &Flow) -> usize {
-    use std::mem::size_of;
-    f.helper.as_ref().map_or(0, |h| h.len())
-        + f.master
-            .as_ref()
-            .map_or(0, |_| size_of::<crate::flow::Tuple>())
-        + f.seq_adj
-            .as_ref()
-            .map_or(0, |_| size_of::<crate::flow::SeqAdj>())
-        + f.synproxy
-            .as_ref()
-            .map_or(0, |_| size_of::<crate::flow::Synproxy>())
+    f.heap_bytes()
 }
 
 /// A change of the mirrored table, for the replication layer.

@@ -34,9 +34,10 @@ pub fn prepare(flow: &Flow, remaining: u32, opts: &CommitOptions) -> Flow {
     let mut f = flow.clone();
     f.timeout = remaining.max(opts.min_timeout.min(flow.timeout.max(1)));
     if opts.tcp_liberal {
-        if let ProtoInfo::Tcp(t) = &mut f.protoinfo {
+        if let ProtoInfo::Tcp(mut t) = f.protoinfo() {
             t.flags_orig |= TCP_FLAG_BE_LIBERAL;
             t.flags_reply |= TCP_FLAG_BE_LIBERAL;
+            f.set_protoinfo(ProtoInfo::Tcp(t));
         }
     }
     f
@@ -53,7 +54,7 @@ pub fn prepare_all(external: &ExternalCache, now: Duration, opts: &CommitOptions
                 .map(|e| prepare(&e.flow, e.remaining_timeout(now), opts)),
         );
     }
-    out.sort_by_key(|f| f.master.is_some());
+    out.sort_by_key(|f| f.master().is_some());
     out
 }
 
@@ -71,18 +72,18 @@ mod tests {
         };
         let mut f = Flow::new(Zone::default(), t, t.inverse());
         f.timeout = timeout;
-        f.protoinfo = ProtoInfo::Tcp(TcpInfo {
+        f.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
             state: 3,
             flags_orig: 0x03,
             ..TcpInfo::default()
-        });
+        }));
         f
     }
 
     #[test]
     fn tcp_flows_become_liberal_and_keep_their_flags() {
         let f = prepare(&tcp(300), 200, &CommitOptions::default());
-        let ProtoInfo::Tcp(t) = f.protoinfo else {
+        let ProtoInfo::Tcp(t) = f.protoinfo() else {
             panic!("not tcp")
         };
         assert_eq!(t.flags_orig, 0x03 | TCP_FLAG_BE_LIBERAL);
@@ -93,8 +94,8 @@ mod tests {
             ..CommitOptions::default()
         };
         assert_eq!(
-            prepare(&tcp(300), 200, &strict).protoinfo,
-            tcp(300).protoinfo
+            prepare(&tcp(300), 200, &strict).protoinfo(),
+            tcp(300).protoinfo()
         );
     }
 

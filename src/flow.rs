@@ -395,9 +395,14 @@ pub struct Synproxy {
 
 /// One conntrack entry.
 ///
-/// Rare attributes live behind `Option<Box<…>>` so that the common flow stays small: memory per
-/// mirrored flow is one of the figures operators compare.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Memory per mirrored flow is one of the figures operators compare, and a flow is held several
+/// times over (internal and external caches, commit lists, batches), so the struct is kept at
+/// 120 bytes: the attributes real tables rarely carry (labels, helper, master, sequence
+/// adjustment, SYN proxy) share one optional box, and the protocol state is stored in a 4-byte
+/// aligned form (see [`Flow::protoinfo`]). Both are reached through accessors; the JSON form is
+/// unchanged (every attribute at top level).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "FlowRepr")]
 pub struct Flow {
     /// Identity: zone and original tuple.
     pub key: FlowKey,
@@ -409,19 +414,106 @@ pub struct Flow {
     pub timeout: u32,
     /// Connection mark.
     pub mark: u32,
-    /// Connection labels, bit *n* being label *n*.
-    #[serde(with = "labels_hex")]
-    pub labels: u128,
-    /// Protocol state.
-    pub protoinfo: ProtoInfo,
-    /// Name of the attached helper, if any.
-    pub helper: Option<Box<str>>,
-    /// Original tuple of the master connection, for related flows.
-    pub master: Option<Box<Tuple>>,
-    /// TCP sequence adjustment, if any.
-    pub seq_adj: Option<Box<SeqAdj>>,
-    /// SYN proxy state, if any.
-    pub synproxy: Option<Box<Synproxy>>,
+    /// Protocol state; a `ProtoInfo` would be 8-byte aligned for DCCP's 64-bit sequence number.
+    protoinfo: PackedProtoInfo,
+    /// The rare attributes. `None` exactly when they are all neutral, so that the derived
+    /// equality stays structural.
+    extra: Option<Box<FlowExtra>>,
+}
+
+/// The attributes few flows carry, boxed together so that a flow without any costs one pointer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct FlowExtra {
+    labels: u128,
+    helper: Option<Box<str>>,
+    master: Option<Tuple>,
+    seq_adj: Option<SeqAdj>,
+    synproxy: Option<Synproxy>,
+}
+
+impl FlowExtra {
+    /// Whether every attribute has the value of [`Flow::new`] (then the box is not kept).
+    fn is_neutral(&self) -> bool {
+        self.labels == 0
+            && self.helper.is_none()
+            && self.master.is_none()
+            && self.seq_adj.is_none()
+            && self.synproxy.is_none()
+    }
+}
+
+/// [`ProtoInfo`] with DCCP's sequence number as two words: 12 bytes, 4-byte aligned, instead of
+/// 16 bytes, 8-byte aligned. Converts both ways without loss, so equality is unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum PackedProtoInfo {
+    #[default]
+    None,
+    Tcp(TcpInfo),
+    Sctp {
+        state: u8,
+        vtag_orig: u32,
+        vtag_reply: u32,
+    },
+    Dccp {
+        state: u8,
+        role: u8,
+        /// High and low halves of the handshake sequence number.
+        handshake_seq: [u32; 2],
+    },
+}
+
+impl From<ProtoInfo> for PackedProtoInfo {
+    fn from(p: ProtoInfo) -> Self {
+        match p {
+            ProtoInfo::None => PackedProtoInfo::None,
+            ProtoInfo::Tcp(t) => PackedProtoInfo::Tcp(t),
+            ProtoInfo::Sctp {
+                state,
+                vtag_orig,
+                vtag_reply,
+            } => PackedProtoInfo::Sctp {
+                state,
+                vtag_orig,
+                vtag_reply,
+            },
+            ProtoInfo::Dccp {
+                state,
+                role,
+                handshake_seq,
+            } => PackedProtoInfo::Dccp {
+                state,
+                role,
+                handshake_seq: [(handshake_seq >> 32) as u32, handshake_seq as u32],
+            },
+        }
+    }
+}
+
+impl From<PackedProtoInfo> for ProtoInfo {
+    fn from(p: PackedProtoInfo) -> Self {
+        match p {
+            PackedProtoInfo::None => ProtoInfo::None,
+            PackedProtoInfo::Tcp(t) => ProtoInfo::Tcp(t),
+            PackedProtoInfo::Sctp {
+                state,
+                vtag_orig,
+                vtag_reply,
+            } => ProtoInfo::Sctp {
+                state,
+                vtag_orig,
+                vtag_reply,
+            },
+            PackedProtoInfo::Dccp {
+                state,
+                role,
+                handshake_seq: [hi, lo],
+            } => ProtoInfo::Dccp {
+                state,
+                role,
+                handshake_seq: u64::from(hi) << 32 | u64::from(lo),
+            },
+        }
+    }
 }
 
 impl Flow {
@@ -433,12 +525,95 @@ impl Flow {
             status: 0,
             timeout: 0,
             mark: 0,
-            labels: 0,
-            protoinfo: ProtoInfo::None,
-            helper: None,
-            master: None,
-            seq_adj: None,
-            synproxy: None,
+            protoinfo: PackedProtoInfo::None,
+            extra: None,
+        }
+    }
+
+    /// Protocol state.
+    pub fn protoinfo(&self) -> ProtoInfo {
+        self.protoinfo.into()
+    }
+
+    /// Sets the protocol state.
+    pub fn set_protoinfo(&mut self, info: ProtoInfo) {
+        self.protoinfo = info.into();
+    }
+
+    /// Connection labels, bit *n* being label *n*.
+    pub fn labels(&self) -> u128 {
+        self.extra.as_ref().map_or(0, |e| e.labels)
+    }
+
+    /// Sets the connection labels.
+    pub fn set_labels(&mut self, labels: u128) {
+        self.edit_extra(labels == 0, |e| e.labels = labels);
+    }
+
+    /// Name of the attached helper, if any.
+    pub fn helper(&self) -> Option<&str> {
+        self.extra.as_ref()?.helper.as_deref()
+    }
+
+    /// Sets the helper name.
+    pub fn set_helper(&mut self, helper: Option<Box<str>>) {
+        self.edit_extra(helper.is_none(), |e| e.helper = helper);
+    }
+
+    /// Original tuple of the master connection, for related flows.
+    pub fn master(&self) -> Option<&Tuple> {
+        self.extra.as_ref()?.master.as_ref()
+    }
+
+    /// Sets the master tuple.
+    pub fn set_master(&mut self, master: Option<Tuple>) {
+        self.edit_extra(master.is_none(), |e| e.master = master);
+    }
+
+    /// TCP sequence adjustment, if any.
+    pub fn seq_adj(&self) -> Option<&SeqAdj> {
+        self.extra.as_ref()?.seq_adj.as_ref()
+    }
+
+    /// Sets the TCP sequence adjustment.
+    pub fn set_seq_adj(&mut self, seq_adj: Option<SeqAdj>) {
+        self.edit_extra(seq_adj.is_none(), |e| e.seq_adj = seq_adj);
+    }
+
+    /// SYN proxy state, if any.
+    pub fn synproxy(&self) -> Option<&Synproxy> {
+        self.extra.as_ref()?.synproxy.as_ref()
+    }
+
+    /// Sets the SYN proxy state.
+    pub fn set_synproxy(&mut self, synproxy: Option<Synproxy>) {
+        self.edit_extra(synproxy.is_none(), |e| e.synproxy = synproxy);
+    }
+
+    /// Heap bytes this flow owns through its rare attributes.
+    pub fn heap_bytes(&self) -> usize {
+        self.extra.as_ref().map_or(0, |e| {
+            std::mem::size_of::<FlowExtra>() + e.helper.as_ref().map_or(0, |h| h.len())
+        })
+    }
+
+    /// Applies `edit` to the rare attributes, keeping `extra` `None` exactly when they are all
+    /// neutral. `neutral` says whether the value being set is neutral: setting one on a flow
+    /// without rare attributes then allocates nothing.
+    fn edit_extra(&mut self, neutral: bool, edit: impl FnOnce(&mut FlowExtra)) {
+        match &mut self.extra {
+            None if neutral => {}
+            None => {
+                let mut e = Box::<FlowExtra>::default();
+                edit(&mut e);
+                self.extra = Some(e);
+            }
+            Some(e) => {
+                edit(e);
+                if e.is_neutral() {
+                    self.extra = None;
+                }
+            }
         }
     }
 
@@ -467,23 +642,33 @@ impl Flow {
         if present.has(Present::MARK) {
             self.mark = update.mark;
         }
-        if present.has(Present::LABELS) {
-            self.labels = update.labels;
-        }
         if present.has(Present::PROTOINFO) {
             self.protoinfo = update.protoinfo;
         }
+        const RARE: u16 = Present::LABELS
+            | Present::HELPER
+            | Present::MASTER
+            | Present::SEQ_ADJ
+            | Present::SYNPROXY;
+        if present.0 & RARE == RARE {
+            // Every rare attribute is replaced (full dump entries): take the box as it is.
+            self.extra.clone_from(&update.extra);
+            return;
+        }
+        if present.has(Present::LABELS) {
+            self.set_labels(update.labels());
+        }
         if present.has(Present::HELPER) {
-            self.helper.clone_from(&update.helper);
+            self.set_helper(update.helper().map(Box::from));
         }
         if present.has(Present::MASTER) {
-            self.master.clone_from(&update.master);
+            self.set_master(update.master().copied());
         }
         if present.has(Present::SEQ_ADJ) {
-            self.seq_adj.clone_from(&update.seq_adj);
+            self.set_seq_adj(update.seq_adj().copied());
         }
         if present.has(Present::SYNPROXY) {
-            self.synproxy.clone_from(&update.synproxy);
+            self.set_synproxy(update.synproxy().copied());
         }
     }
 
@@ -492,6 +677,94 @@ impl Flow {
         let mut a = self.clone();
         a.timeout = other.timeout;
         a == *other
+    }
+}
+
+/// The same fields, in the same order, as before the rare attributes were boxed together.
+impl fmt::Debug for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flow")
+            .field("key", &self.key)
+            .field("reply", &self.reply)
+            .field("status", &self.status)
+            .field("timeout", &self.timeout)
+            .field("mark", &self.mark)
+            .field("labels", &self.labels())
+            .field("protoinfo", &self.protoinfo())
+            .field("helper", &self.helper())
+            .field("master", &self.master())
+            .field("seq_adj", &self.seq_adj())
+            .field("synproxy", &self.synproxy())
+            .finish()
+    }
+}
+
+/// The JSON shape of a flow (control socket, `syncctl dump`): every attribute at top level.
+#[derive(Serialize)]
+struct FlowRef<'a> {
+    key: &'a FlowKey,
+    reply: &'a Tuple,
+    status: u32,
+    timeout: u32,
+    mark: u32,
+    #[serde(with = "labels_hex")]
+    labels: u128,
+    protoinfo: ProtoInfo,
+    helper: Option<&'a str>,
+    master: Option<&'a Tuple>,
+    seq_adj: Option<&'a SeqAdj>,
+    synproxy: Option<&'a Synproxy>,
+}
+
+/// The owned counterpart of [`FlowRef`], for deserializing.
+#[derive(Deserialize)]
+struct FlowRepr {
+    key: FlowKey,
+    reply: Tuple,
+    status: u32,
+    timeout: u32,
+    mark: u32,
+    #[serde(with = "labels_hex")]
+    labels: u128,
+    protoinfo: ProtoInfo,
+    helper: Option<Box<str>>,
+    master: Option<Tuple>,
+    seq_adj: Option<SeqAdj>,
+    synproxy: Option<Synproxy>,
+}
+
+impl Serialize for Flow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        FlowRef {
+            key: &self.key,
+            reply: &self.reply,
+            status: self.status,
+            timeout: self.timeout,
+            mark: self.mark,
+            labels: self.labels(),
+            protoinfo: self.protoinfo(),
+            helper: self.helper(),
+            master: self.master(),
+            seq_adj: self.seq_adj(),
+            synproxy: self.synproxy(),
+        }
+        .serialize(s)
+    }
+}
+
+impl From<FlowRepr> for Flow {
+    fn from(r: FlowRepr) -> Flow {
+        let mut f = Flow::new(r.key.zone, r.key.orig, r.reply);
+        f.status = r.status;
+        f.timeout = r.timeout;
+        f.mark = r.mark;
+        f.set_protoinfo(r.protoinfo);
+        f.set_labels(r.labels);
+        f.set_helper(r.helper);
+        f.set_master(r.master);
+        f.set_seq_adj(r.seq_adj);
+        f.set_synproxy(r.synproxy);
+        f
     }
 }
 
@@ -596,29 +869,176 @@ mod tests {
         let t = tcp("10.0.0.1", "10.0.0.2", 1000, 80);
         let mut base = Flow::new(Zone::default(), t, t.inverse());
         base.mark = 7;
-        base.protoinfo = ProtoInfo::Tcp(TcpInfo {
+        base.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
             state: 3,
             ..TcpInfo::default()
-        });
+        }));
+        base.set_helper(Some("ftp".into()));
         let mut upd = base.clone();
         upd.mark = 0;
-        upd.protoinfo = ProtoInfo::None;
+        upd.set_protoinfo(ProtoInfo::None);
         upd.status = status::ASSURED;
+        upd.set_helper(None);
+        upd.set_labels(3);
         let mut present = Present::default();
         present.set(Present::STATUS);
+        present.set(Present::LABELS);
         base.merge(&upd, present);
         assert_eq!(base.mark, 7);
         assert_eq!(base.status, status::ASSURED);
-        assert!(matches!(base.protoinfo, ProtoInfo::Tcp(_)));
+        assert!(matches!(base.protoinfo(), ProtoInfo::Tcp(_)));
+        assert_eq!(base.helper(), Some("ftp"));
+        assert_eq!(base.labels(), 3);
+    }
+
+    #[test]
+    fn merge_of_cleared_rare_attributes_equals_a_plain_flow() {
+        let t = tcp("10.0.0.1", "10.0.0.2", 1000, 80);
+        let plain = Flow::new(Zone::default(), t, t.inverse());
+        let mut f = plain.clone();
+        f.set_labels(1);
+        f.set_helper(Some("ftp".into()));
+        f.set_master(Some(t));
+        let mut present = Present::default();
+        present.set(Present::LABELS);
+        present.set(Present::HELPER);
+        present.set(Present::MASTER);
+        f.merge(&plain, present);
+        assert_eq!(f, plain);
+        assert_eq!(f.heap_bytes(), 0);
+        let mut g = plain.clone();
+        g.set_synproxy(Some(Synproxy::default()));
+        g.merge(&plain, Present::ALL);
+        assert_eq!(g, plain);
+    }
+
+    #[test]
+    fn neutral_setters_leave_no_box() {
+        let t = tcp("10.0.0.1", "10.0.0.2", 1000, 80);
+        let plain = Flow::new(Zone::default(), t, t.inverse());
+        let mut f = plain.clone();
+        f.set_labels(0);
+        f.set_helper(None);
+        assert_eq!(f.heap_bytes(), 0);
+        f.set_seq_adj(Some(SeqAdj::default()));
+        f.set_labels(9);
+        assert_ne!(
+            f, plain,
+            "an all-zero sequence adjustment is still an attribute"
+        );
+        f.set_seq_adj(None);
+        f.set_labels(0);
+        assert_eq!(f, plain);
+        assert_eq!(f.heap_bytes(), 0);
+    }
+
+    #[test]
+    fn dccp_protoinfo_round_trips() {
+        let t = tcp("10.0.0.1", "10.0.0.2", 1000, 80);
+        let mut f = Flow::new(Zone::default(), t, t.inverse());
+        let info = ProtoInfo::Dccp {
+            state: 4,
+            role: 1,
+            handshake_seq: 0x0123_4567_89ab_cdef,
+        };
+        f.set_protoinfo(info);
+        assert_eq!(f.protoinfo(), info);
+    }
+
+    /// A flow is held about three times per connection (caches, commit lists, batches): its
+    /// size is most of ctsync's memory per flow, which must stay at half of conntrackd's. Rare
+    /// attributes share one box and the protocol state is kept 4-byte aligned to get here.
+    #[test]
+    fn flow_fits_in_120_bytes() {
+        assert!(
+            std::mem::size_of::<Flow>() <= 120,
+            "{}",
+            std::mem::size_of::<Flow>()
+        );
+    }
+
+    #[test]
+    fn json_keeps_rare_attributes_at_top_level() {
+        let t = tcp("10.0.0.1", "10.0.0.2", 1, 2);
+        let mut f = Flow::new(Zone::default(), t, t.inverse());
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["labels"], "00000000000000000000000000000000");
+        for k in ["helper", "master", "seq_adj", "synproxy"] {
+            assert!(v[k].is_null(), "{k}");
+        }
+        f.set_helper(Some("ftp".into()));
+        f.set_master(Some(t));
+        f.set_seq_adj(Some(SeqAdj::default()));
+        f.set_synproxy(Some(Synproxy {
+            isn: 1,
+            its: 2,
+            tsoff: 3,
+        }));
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["helper"], "ftp");
+        assert_eq!(v["master"], serde_json::to_value(t).unwrap());
+        assert_eq!(v["seq_adj"]["orig"]["offset_after"], 0);
+        assert_eq!(v["synproxy"]["tsoff"], 3);
+        let back: Flow = serde_json::from_value(v).unwrap();
+        assert_eq!(back, f);
     }
 
     #[test]
     fn labels_serialize_exactly() {
         let t = tcp("10.0.0.1", "10.0.0.2", 1, 2);
         let mut f = Flow::new(Zone::default(), t, t.inverse());
-        f.labels = u128::MAX - 5;
+        f.set_labels(u128::MAX - 5);
         let json = serde_json::to_string(&f).unwrap();
         let back: Flow = serde_json::from_str(&json).unwrap();
         assert_eq!(back, f);
+    }
+
+    /// JSON and `Debug` as they were before the rare attributes were boxed together: the
+    /// control socket, `syncctl dump` and test diffs rely on them.
+    #[test]
+    fn json_and_debug_are_unchanged_by_the_compact_layout() {
+        let t = tcp("10.0.0.1", "2001:db8::2", 1, 2);
+        let zone = Zone {
+            id: 3,
+            dir: ZoneDir::Reply,
+        };
+        let mut f = Flow::new(zone, t, t.inverse());
+        f.status = 0x18e;
+        f.timeout = 119;
+        f.mark = 7;
+        f.set_labels(1 << 127 | 5);
+        f.set_protoinfo(ProtoInfo::Dccp {
+            state: 4,
+            role: 1,
+            handshake_seq: u64::MAX - 1,
+        });
+        f.set_helper(Some("ftp".into()));
+        f.set_master(Some(t.inverse()));
+        f.set_seq_adj(Some(SeqAdj {
+            orig: SeqAdjDir {
+                correction_pos: 1,
+                offset_before: 2,
+                offset_after: 3,
+            },
+            reply: SeqAdjDir::default(),
+        }));
+        f.set_synproxy(Some(Synproxy {
+            isn: 1,
+            its: 2,
+            tsoff: 3,
+        }));
+        let full = r#"{"key":{"zone":{"id":3,"dir":"reply"},"orig":{"src":"10.0.0.1","dst":"2001:db8::2","proto":6,"l4":{"ports":{"src":1,"dst":2}}}},"reply":{"src":"2001:db8::2","dst":"10.0.0.1","proto":6,"l4":{"ports":{"src":2,"dst":1}}},"status":398,"timeout":119,"mark":7,"labels":"80000000000000000000000000000005","protoinfo":{"dccp":{"state":4,"role":1,"handshake_seq":18446744073709551614}},"helper":"ftp","master":{"src":"2001:db8::2","dst":"10.0.0.1","proto":6,"l4":{"ports":{"src":2,"dst":1}}},"seq_adj":{"orig":{"correction_pos":1,"offset_before":2,"offset_after":3},"reply":{"correction_pos":0,"offset_before":0,"offset_after":0}},"synproxy":{"isn":1,"its":2,"tsoff":3}}"#;
+        assert_eq!(serde_json::to_string(&f).unwrap(), full);
+        assert_eq!(serde_json::from_str::<Flow>(full).unwrap(), f);
+        assert_eq!(
+            format!("{f:?}"),
+            r#"Flow { key: FlowKey { zone: Zone { id: 3, dir: Reply }, orig: Tuple { src: 10.0.0.1, dst: 2001:db8::2, proto: 6, l4: Ports { src: 1, dst: 2 } } }, reply: Tuple { src: 2001:db8::2, dst: 10.0.0.1, proto: 6, l4: Ports { src: 2, dst: 1 } }, status: 398, timeout: 119, mark: 7, labels: 170141183460469231731687303715884105733, protoinfo: Dccp { state: 4, role: 1, handshake_seq: 18446744073709551614 }, helper: Some("ftp"), master: Some(Tuple { src: 2001:db8::2, dst: 10.0.0.1, proto: 6, l4: Ports { src: 2, dst: 1 } }), seq_adj: Some(SeqAdj { orig: SeqAdjDir { correction_pos: 1, offset_before: 2, offset_after: 3 }, reply: SeqAdjDir { correction_pos: 0, offset_before: 0, offset_after: 0 } }), synproxy: Some(Synproxy { isn: 1, its: 2, tsoff: 3 }) }"#
+        );
+        let plain = Flow::new(Zone::default(), t, t.inverse());
+        let bare = r#"{"key":{"zone":{"id":0,"dir":"both"},"orig":{"src":"10.0.0.1","dst":"2001:db8::2","proto":6,"l4":{"ports":{"src":1,"dst":2}}}},"reply":{"src":"2001:db8::2","dst":"10.0.0.1","proto":6,"l4":{"ports":{"src":2,"dst":1}}},"status":0,"timeout":0,"mark":0,"labels":"00000000000000000000000000000000","protoinfo":"none","helper":null,"master":null,"seq_adj":null,"synproxy":null}"#;
+        assert_eq!(serde_json::to_string(&plain).unwrap(), bare);
+        let back: Flow = serde_json::from_str(bare).unwrap();
+        assert_eq!(back, plain);
+        assert_eq!(back.heap_bytes(), 0);
     }
 }

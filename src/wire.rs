@@ -484,12 +484,12 @@ impl From<&Flow> for pb::Flow {
             status: f.status,
             timeout: f.timeout,
             mark: f.mark,
-            labels: if f.labels == 0 {
+            labels: if f.labels() == 0 {
                 Vec::new()
             } else {
-                f.labels.to_be_bytes().to_vec()
+                f.labels().to_be_bytes().to_vec()
             },
-            protoinfo: match f.protoinfo {
+            protoinfo: match f.protoinfo() {
                 ProtoInfo::None => None,
                 ProtoInfo::Tcp(t) => Some(Protoinfo::Tcp(pb::TcpInfo {
                     state: t.state.into(),
@@ -517,13 +517,13 @@ impl From<&Flow> for pb::Flow {
                     handshake_seq,
                 })),
             },
-            helper: f.helper.as_deref().map(str::to_string),
-            master: f.master.as_deref().map(Into::into),
-            seq_adj: f.seq_adj.as_deref().map(|s| pb::SeqAdj {
+            helper: f.helper().map(str::to_string),
+            master: f.master().map(Into::into),
+            seq_adj: f.seq_adj().map(|s| pb::SeqAdj {
                 orig: Some(encode_seq_adj_dir(&s.orig)),
                 reply: Some(encode_seq_adj_dir(&s.reply)),
             }),
-            synproxy: f.synproxy.as_deref().map(|s| pb::Synproxy {
+            synproxy: f.synproxy().map(|s| pb::Synproxy {
                 isn: s.isn,
                 its: s.its,
                 tsoff: s.tsoff,
@@ -537,7 +537,7 @@ impl TryFrom<pb::Flow> for Flow {
 
     fn try_from(f: pb::Flow) -> Result<Self, WireError> {
         use pb::flow::Protoinfo;
-        let key = require(f.key, "key")?.try_into().within("key")?;
+        let key: FlowKey = require(f.key, "key")?.try_into().within("key")?;
         let reply = require(f.reply, "reply")?.try_into().within("reply")?;
         let labels = if f.labels.is_empty() {
             0
@@ -571,34 +571,30 @@ impl TryFrom<pb::Flow> for Flow {
         };
         let master = match f.master {
             None => None,
-            Some(t) => Some(Box::new(Tuple::try_from(t).within("master")?)),
+            Some(t) => Some(Tuple::try_from(t).within("master")?),
         };
         let seq_adj = match f.seq_adj {
             None => None,
-            Some(s) => Some(Box::new(SeqAdj {
+            Some(s) => Some(SeqAdj {
                 orig: decode_seq_adj_dir(require(s.orig, "orig").within("seq_adj")?),
                 reply: decode_seq_adj_dir(require(s.reply, "reply").within("seq_adj")?),
-            })),
-        };
-        Ok(Flow {
-            key,
-            reply,
-            status: f.status,
-            timeout: f.timeout,
-            mark: f.mark,
-            labels,
-            protoinfo,
-            helper: f.helper.map(String::into_boxed_str),
-            master,
-            seq_adj,
-            synproxy: f.synproxy.map(|s| {
-                Box::new(Synproxy {
-                    isn: s.isn,
-                    its: s.its,
-                    tsoff: s.tsoff,
-                })
             }),
-        })
+        };
+        let mut flow = Flow::new(key.zone, key.orig, reply);
+        flow.status = f.status;
+        flow.timeout = f.timeout;
+        flow.mark = f.mark;
+        flow.set_labels(labels);
+        flow.set_protoinfo(protoinfo);
+        flow.set_helper(f.helper.map(String::into_boxed_str));
+        flow.set_master(master);
+        flow.set_seq_adj(seq_adj);
+        flow.set_synproxy(f.synproxy.map(|s| Synproxy {
+            isn: s.isn,
+            its: s.its,
+            tsoff: s.tsoff,
+        }));
+        Ok(flow)
     }
 }
 
@@ -730,18 +726,18 @@ mod tests {
             |(
                 (key, reply, (status, timeout, mark), labels, protoinfo),
                 (helper, master, seq_adj, synproxy),
-            )| Flow {
-                key,
-                reply,
-                status,
-                timeout,
-                mark,
-                labels,
-                protoinfo,
-                helper: helper.map(String::into_boxed_str),
-                master: master.map(Box::new),
-                seq_adj: seq_adj.map(|(orig, reply)| Box::new(SeqAdj { orig, reply })),
-                synproxy: synproxy.map(|(isn, its, tsoff)| Box::new(Synproxy { isn, its, tsoff })),
+            )| {
+                let mut f = Flow::new(key.zone, key.orig, reply);
+                f.status = status;
+                f.timeout = timeout;
+                f.mark = mark;
+                f.set_labels(labels);
+                f.set_protoinfo(protoinfo);
+                f.set_helper(helper.map(String::into_boxed_str));
+                f.set_master(master);
+                f.set_seq_adj(seq_adj.map(|(orig, reply)| SeqAdj { orig, reply }));
+                f.set_synproxy(synproxy.map(|(isn, its, tsoff)| Synproxy { isn, its, tsoff }));
+                f
             },
         )
     }
@@ -1098,20 +1094,20 @@ mod tests {
     #[test]
     fn labels_are_big_endian_bit_n_is_label_n() {
         let mut flow = tcp_flow();
-        flow.labels = 1; // label 0
+        flow.set_labels(1); // label 0
         assert_eq!(pb::Flow::from(&flow).labels, {
             let mut v = vec![0; 16];
             v[15] = 1;
             v
         });
-        flow.labels = 1 << 127; // label 127
+        flow.set_labels(1 << 127); // label 127
         assert_eq!(pb::Flow::from(&flow).labels[0], 0x80);
-        flow.labels = 0;
+        flow.set_labels(0);
         assert!(pb::Flow::from(&flow).labels.is_empty());
         // 16 zero bytes from another encoder mean no label as well.
         let mut pf = pb::Flow::from(&flow);
         pf.labels = vec![0; 16];
-        assert_eq!(Flow::try_from(pf).unwrap().labels, 0);
+        assert_eq!(Flow::try_from(pf).unwrap().labels(), 0);
     }
 
     #[test]

@@ -78,13 +78,13 @@ pub fn realistic_flow(i: usize) -> Flow {
                 dport,
             ));
             f.status = established;
-            f.protoinfo = tcp_est;
+            f.set_protoinfo(tcp_est);
             f
         }
         7..=9 => {
             let mut f = plain(ports(proto::TCP, v6(1, n), v6(2, n % 1000), sport, 443));
             f.status = established;
-            f.protoinfo = tcp_est;
+            f.set_protoinfo(tcp_est);
             f
         }
         10..=12 => {
@@ -126,7 +126,7 @@ pub fn realistic_flow(i: usize) -> Flow {
             );
             let mut f = Flow::new(Zone::default(), orig, reply);
             f.status = established | status::SRC_NAT | status::SRC_NAT_DONE | status::DST_NAT_DONE;
-            f.protoinfo = tcp_est;
+            f.set_protoinfo(tcp_est);
             f
         }
         18 => {
@@ -136,7 +136,7 @@ pub fn realistic_flow(i: usize) -> Flow {
             let reply = ports(proto::TCP, backend, orig.src, 8080, sport);
             let mut f = Flow::new(Zone::default(), orig, reply);
             f.status = established | status::DST_NAT | status::DST_NAT_DONE | status::SRC_NAT_DONE;
-            f.protoinfo = tcp_est;
+            f.set_protoinfo(tcp_est);
             f
         }
         _ => {

@@ -209,8 +209,8 @@ pub fn check(cli: &[CliEntry], flows: &[Flow], slack: u32) -> Result<(), String>
         if e.mark != f.mark {
             d.push(format!("mark {} vs {}", e.mark, f.mark));
         }
-        let state = match f.protoinfo {
-            ProtoInfo::Tcp(_) => Some(f.protoinfo.state_name()),
+        let state = match f.protoinfo() {
+            ProtoInfo::Tcp(_) => Some(f.protoinfo().state_name()),
             _ => None,
         };
         if e.state != state {

@@ -54,18 +54,18 @@ pub fn field_diffs(a: &Flow, b: &Flow, slack: u32) -> Vec<(&'static str, String,
         ));
     }
     field!("mark", |f: &Flow| f.mark);
-    if a.labels != b.labels {
+    if a.labels() != b.labels() {
         out.push((
             "labels",
-            format!("{:#034x}", a.labels),
-            format!("{:#034x}", b.labels),
+            format!("{:#034x}", a.labels()),
+            format!("{:#034x}", b.labels()),
         ));
     }
-    field!("protoinfo", |f: &Flow| f.protoinfo);
-    field!("helper", |f: &Flow| f.helper.clone());
-    field!("master", |f: &Flow| f.master.clone());
-    field!("seq_adj", |f: &Flow| f.seq_adj.clone());
-    field!("synproxy", |f: &Flow| f.synproxy.clone());
+    field!("protoinfo", |f: &Flow| f.protoinfo());
+    field!("helper", |f: &Flow| f.helper().map(str::to_owned));
+    field!("master", |f: &Flow| f.master().copied());
+    field!("seq_adj", |f: &Flow| f.seq_adj().copied());
+    field!("synproxy", |f: &Flow| f.synproxy().copied());
     out
 }
 

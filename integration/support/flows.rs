@@ -175,7 +175,7 @@ fn mixed_one(i: usize) -> Flow {
     }
     let mut f = Flow::new(zone, orig, reply);
     f.status = st;
-    f.protoinfo = info;
+    f.set_protoinfo(info);
     // Timeouts spread over 10 minutes to 2 hours, so a field mixed up between flows shows.
     f.timeout = 600 + ((i * 37) % 7200) as u32;
     f.mark = match k {
@@ -183,11 +183,11 @@ fn mixed_one(i: usize) -> Flow {
         _ if j % 5 == 0 => 1 + j as u32,
         _ => 0,
     };
-    f.labels = match k {
+    f.set_labels(match k {
         11 => (1u128 << 127) | ((j as u128) << 40) | 1,
         _ if j % 7 == 0 => 1u128 << (j % 128),
         _ => 0,
-    };
+    });
     f
 }
 
@@ -197,12 +197,13 @@ pub fn modified(f: &Flow) -> Flow {
     let mut m = f.clone();
     m.mark = f.mark.wrapping_mul(3).wrapping_add(0x00c0_ffee);
     // Never all-zero: the writer cannot clear labels (see `upsert_clears_labels`).
-    m.labels = match f.labels.rotate_left(3) ^ 0x2 {
+    m.set_labels(match f.labels().rotate_left(3) ^ 0x2 {
         0 => 1 << 64,
         l => l,
-    };
-    if let ProtoInfo::Tcp(t) = &mut m.protoinfo {
+    });
+    if let ProtoInfo::Tcp(mut t) = m.protoinfo() {
         t.state = 1 + t.state % 8;
+        m.set_protoinfo(ProtoInfo::Tcp(t));
     }
     m
 }

@@ -349,7 +349,7 @@ fn print_external(out: &mut impl Write, entries: &[control::ExternalEntry]) -> s
             "{:<12} {:<7} {:<12} {:>7}  {:<58} {:<58}",
             e.origin,
             flow::proto_name(f.key.orig.proto),
-            state(&f.protoinfo),
+            state(&f.protoinfo()),
             e.remaining_timeout,
             endpoints(&f.key.orig),
             endpoints(&f.reply)
@@ -369,7 +369,7 @@ fn print_flows(out: &mut impl Write, flows: &[Flow]) -> std::io::Result<()> {
             out,
             "{:<7} {:<12} {:>7}  {:<58} {:<58} {:>5} {:>10}  {}",
             flow::proto_name(f.key.orig.proto),
-            state(&f.protoinfo),
+            state(&f.protoinfo()),
             f.timeout,
             endpoints(&f.key.orig),
             endpoints(&f.reply),

@@ -164,7 +164,7 @@ struct Decoder {
     labels: u128,
     protoinfo: ProtoInfo,
     helper: Option<Box<str>>,
-    master: Option<Box<Tuple>>,
+    master: Option<Tuple>,
     seq_adj: Option<SeqAdj>,
     synproxy: Option<Synproxy>,
     kernel_id: Option<u32>,
@@ -177,7 +177,7 @@ impl Decoder {
             cta::TUPLE_ORIG => self.orig = Some(decode_tuple(v)?),
             cta::TUPLE_REPLY => self.reply = Some(decode_tuple(v)?),
             cta::TUPLE_MASTER => {
-                self.master = Some(Box::new(decode_tuple(v)?.0));
+                self.master = Some(decode_tuple(v)?.0);
                 self.present.set(Present::MASTER);
             }
             cta::STATUS => {
@@ -241,23 +241,17 @@ impl Decoder {
             },
             (None, None, None) => Zone::default(),
         };
-        let flow = Flow {
-            key: FlowKey { zone, orig },
-            reply,
-            status: self.flow_status,
-            timeout: self.timeout,
-            mark: self.mark,
-            labels: self.labels,
-            protoinfo: self.protoinfo,
-            helper: self.helper,
-            master: self.master,
-            seq_adj: self.seq_adj.map(Box::new),
-            // Kernels since 6.x dump an all-zero CTA_SYNPROXY on every entry: that means none.
-            synproxy: self
-                .synproxy
-                .filter(|s| *s != Synproxy::default())
-                .map(Box::new),
-        };
+        let mut flow = Flow::new(zone, orig, reply);
+        flow.status = self.flow_status;
+        flow.timeout = self.timeout;
+        flow.mark = self.mark;
+        flow.set_protoinfo(self.protoinfo);
+        flow.set_labels(self.labels);
+        flow.set_helper(self.helper);
+        flow.set_master(self.master);
+        flow.set_seq_adj(self.seq_adj);
+        // Kernels since 6.x dump an all-zero CTA_SYNPROXY on every entry: that means none.
+        flow.set_synproxy(self.synproxy.filter(|s| *s != Synproxy::default()));
         Ok(CtMessage {
             kind,
             flow,
@@ -667,7 +661,7 @@ const FIXED_MAX: usize = MSG_HEADER_LEN
 /// An upper bound on the size of any message about `flow`.
 fn max_len(flow: &Flow) -> usize {
     // The name travels NUL-terminated and padded to 4 bytes.
-    FIXED_MAX + flow.helper.as_ref().map_or(0, |h| h.len() + 4)
+    FIXED_MAX + flow.helper().map_or(0, |h| h.len() + 4)
 }
 
 /// Header fields of a ctnetlink message.
@@ -845,7 +839,7 @@ fn update_attrs(w: &mut MessageWriter<'_>, flow: &Flow, labels: bool) {
     // NAT, master and helper cannot change on an existing entry; the kernel refuses them.
     let st = (flow.status | status::CONFIRMED) & !status::DYING;
     mutable_attrs(w, flow, st, false);
-    if labels && flow.labels == 0 {
+    if labels && flow.labels() == 0 {
         // Explicit zeros, so that labels cleared on the origin are cleared here too.
         labels_attr(w, 0);
     }
@@ -853,10 +847,10 @@ fn update_attrs(w: &mut MessageWriter<'_>, flow: &Flow, labels: bool) {
 
 /// Master tuple and helper: set once, when the entry is created (or reported whole).
 fn related_attrs(w: &mut MessageWriter<'_>, flow: &Flow) {
-    if let Some(master) = &flow.master {
+    if let Some(master) = flow.master() {
         w.nest(cta::TUPLE_MASTER, |w| w.tuple_members(master));
     }
-    if let Some(helper) = &flow.helper {
+    if let Some(helper) = flow.helper() {
         helper_attr(w, helper);
     }
 }
@@ -869,15 +863,15 @@ fn mutable_attrs(w: &mut MessageWriter<'_>, flow: &Flow, st: u32, create: bool) 
     }
     // Labels need the kernel's label extension; an all-zero write fails where it is absent
     // (updates handle that case themselves).
-    if flow.labels != 0 {
-        labels_attr(w, flow.labels);
+    if flow.labels() != 0 {
+        labels_attr(w, flow.labels());
     }
-    protoinfo_attr(w, &flow.protoinfo);
-    if let Some(adj) = &flow.seq_adj {
+    protoinfo_attr(w, &flow.protoinfo());
+    if let Some(adj) = flow.seq_adj() {
         seqadj_attr(w, cta::SEQ_ADJ_ORIG, &adj.orig);
         seqadj_attr(w, cta::SEQ_ADJ_REPLY, &adj.reply);
     }
-    if let Some(sp) = &flow.synproxy {
+    if let Some(sp) = flow.synproxy() {
         use attr::synproxy as s;
         w.nest(cta::SYNPROXY, |w| {
             w.be32(s::ISN, sp.isn);

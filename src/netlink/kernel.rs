@@ -355,7 +355,7 @@ impl Writer {
     /// Flows without a master go first, so that related flows find their master entry.
     pub fn upsert(&mut self, flows: &[Flow]) -> Result<WriteReport, KernelError> {
         let (masters, related): (Vec<&Flow>, Vec<&Flow>) =
-            flows.iter().partition(|f| f.master.is_none());
+            flows.iter().partition(|f| f.master().is_none());
         let mut report = self.parallel(&masters, Lane::upsert)?;
         report.merge(self.parallel(&related, Lane::upsert)?);
         Ok(report)
@@ -416,7 +416,7 @@ impl Lane {
             match errno {
                 0 => report.updated += 1,
                 // No label storage on this entry: its labels are zero, as wanted.
-                e if e == libc::ENOSPC && existing[i].labels == 0 => unlabelled.push(existing[i]),
+                e if e == libc::ENOSPC && existing[i].labels() == 0 => unlabelled.push(existing[i]),
                 _ => refused.push(existing[i]),
             }
         }

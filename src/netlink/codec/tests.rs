@@ -15,8 +15,8 @@ use super::{
     CodecError, CtEventKind, CtMessage, RawMessage, WriteOp,
 };
 use crate::flow::{
-    proto, status, Flow, FlowKey, Present, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple,
-    Zone, ZoneDir, L4,
+    proto, status, Flow, Present, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple, Zone,
+    ZoneDir, L4,
 };
 use crate::netlink::attr;
 use netlink_packet_core::{
@@ -433,24 +433,22 @@ mod golden {
     }
 
     fn flow_of(e: &Value) -> Flow {
-        Flow {
-            key: FlowKey {
-                zone: zone_of(&e["zone"]),
-                orig: tuple_of(&e["orig"]),
-            },
-            reply: tuple_of(&e["reply"]),
-            status: num(&e["status"], "status"),
-            timeout: opt_num(&e["timeout"], "timeout").unwrap_or(0),
-            mark: opt_num(&e["mark"], "mark").unwrap_or(0),
-            labels: e["labels"]
+        let mut f = Flow::new(
+            zone_of(&e["zone"]),
+            tuple_of(&e["orig"]),
+            tuple_of(&e["reply"]),
+        );
+        f.status = num(&e["status"], "status");
+        f.timeout = opt_num(&e["timeout"], "timeout").unwrap_or(0);
+        f.mark = opt_num(&e["mark"], "mark").unwrap_or(0);
+        f.set_labels(
+            e["labels"]
                 .as_str()
                 .map_or(0, |s| u128::from_str_radix(s, 16).unwrap()),
-            protoinfo: protoinfo_of(&e["protoinfo"]),
-            helper: e["helper"].as_str().map(Into::into),
-            master: None,
-            seq_adj: None,
-            synproxy: None,
-        }
+        );
+        f.set_protoinfo(protoinfo_of(&e["protoinfo"]));
+        f.set_helper(e["helper"].as_str().map(Into::into));
+        f
     }
 
     /// One golden message: its JSON and what the codec made of it.
@@ -527,12 +525,12 @@ mod golden {
                 assert_eq!(f.status, want.status, "{ctx}: status");
                 assert_eq!(f.timeout, want.timeout, "{ctx}: timeout");
                 assert_eq!(f.mark, want.mark, "{ctx}: mark");
-                assert_eq!(f.labels, want.labels, "{ctx}: labels");
-                assert_eq!(f.protoinfo, want.protoinfo, "{ctx}: protoinfo");
-                assert_eq!(f.helper, want.helper, "{ctx}: helper");
-                assert_eq!(f.master, None, "{ctx}: master");
-                assert_eq!(f.seq_adj, None, "{ctx}: seq_adj");
-                assert_eq!(f.synproxy, None, "{ctx}: synproxy (all-zero means none)");
+                assert_eq!(f.labels(), want.labels(), "{ctx}: labels");
+                assert_eq!(f.protoinfo(), want.protoinfo(), "{ctx}: protoinfo");
+                assert_eq!(f.helper(), want.helper(), "{ctx}: helper");
+                assert_eq!(f.master(), None, "{ctx}: master");
+                assert_eq!(f.seq_adj(), None, "{ctx}: seq_adj");
+                assert_eq!(f.synproxy(), None, "{ctx}: synproxy (all-zero means none)");
                 assert_eq!(*f, want, "{ctx}: whole flow");
                 assert_eq!(ct.present, present_of_attrs(&attrs_of(e)), "{ctx}: present");
                 out.push(Decoded {
@@ -632,14 +630,17 @@ mod golden {
         }
         assert!(any(&|f| f.reply.dst != f.key.orig.src), "SNAT");
         assert!(any(&|f| f.reply.src != f.key.orig.dst), "DNAT");
-        assert!(any(&|f| f.labels & (1 << 127) != 0), "label 127");
-        assert!(any(&|f| f.labels & 0xff != 0), "a label in the first word");
+        assert!(any(&|f| f.labels() & (1 << 127) != 0), "label 127");
+        assert!(
+            any(&|f| f.labels() & 0xff != 0),
+            "a label in the first word"
+        );
         assert!(any(&|f| f.mark != 0), "mark");
         assert!(any(
-            &|f| matches!(f.protoinfo, ProtoInfo::Sctp { vtag_orig, .. } if vtag_orig != 0)
+            &|f| matches!(f.protoinfo(), ProtoInfo::Sctp { vtag_orig, .. } if vtag_orig != 0)
         ));
         assert!(any(
-            &|f| matches!(f.protoinfo, ProtoInfo::Tcp(t) if t.wscale_orig != 0)
+            &|f| matches!(f.protoinfo(), ProtoInfo::Tcp(t) if t.wscale_orig != 0)
         ));
         assert!(any(&|f| matches!(
             f.key.orig.l4,
@@ -686,7 +687,7 @@ mod golden {
                 // An all-zero CTA_SYNPROXY is reported as present, but the flow has none.
                 if attrs_of(&d.json).contains(&24) {
                     assert!(ct.present.has(Present::SYNPROXY));
-                    assert_eq!(ct.flow.synproxy, None);
+                    assert_eq!(ct.flow.synproxy(), None);
                 }
             }
         }
@@ -1484,10 +1485,10 @@ mod golden {
             );
             flow.status = status::SEEN_REPLY | status::ASSURED;
             flow.timeout = 100;
-            flow.protoinfo = ProtoInfo::Tcp(TcpInfo {
+            flow.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
                 state: 3,
                 ..TcpInfo::default()
-            });
+            }));
             let absent = Flow::new(
                 Zone::default(),
                 t("10.9.0.3", "10.9.0.4", 1, 2),
@@ -1854,19 +1855,20 @@ pub(super) mod props {
                     (orig, reply, zone),
                     (status, timeout, mark, labels, protoinfo),
                     (helper, master, seq_adj, synproxy),
-                )| Flow {
-                    key: FlowKey { zone, orig },
+                )| {
                     // None: an un-NATed flow, whose reply is the plain inverse.
-                    reply: reply.unwrap_or_else(|| plain_inverse(&orig)),
-                    status,
-                    timeout,
-                    mark,
-                    labels,
-                    protoinfo,
-                    helper: helper.map(String::into_boxed_str),
-                    master: master.map(Box::new),
-                    seq_adj: seq_adj.map(Box::new),
-                    synproxy: synproxy.map(Box::new),
+                    let reply = reply.unwrap_or_else(|| plain_inverse(&orig));
+                    let mut f = Flow::new(zone, orig, reply);
+                    f.status = status;
+                    f.timeout = timeout;
+                    f.mark = mark;
+                    f.set_labels(labels);
+                    f.set_protoinfo(protoinfo);
+                    f.set_helper(helper.map(String::into_boxed_str));
+                    f.set_master(master);
+                    f.set_seq_adj(seq_adj);
+                    f.set_synproxy(synproxy);
+                    f
                 },
             )
             .boxed()
@@ -1893,12 +1895,12 @@ pub(super) mod props {
     fn present_of_entry(f: &Flow) -> Present {
         let mut p = present_of(&[Present::STATUS, Present::TIMEOUT, Present::MARK]);
         let optional = [
-            (f.labels != 0, Present::LABELS),
-            (f.protoinfo != ProtoInfo::None, Present::PROTOINFO),
-            (f.helper.is_some(), Present::HELPER),
-            (f.master.is_some(), Present::MASTER),
-            (f.seq_adj.is_some(), Present::SEQ_ADJ),
-            (f.synproxy.is_some(), Present::SYNPROXY),
+            (f.labels() != 0, Present::LABELS),
+            (f.protoinfo() != ProtoInfo::None, Present::PROTOINFO),
+            (f.helper().is_some(), Present::HELPER),
+            (f.master().is_some(), Present::MASTER),
+            (f.seq_adj().is_some(), Present::SEQ_ADJ),
+            (f.synproxy().is_some(), Present::SYNPROXY),
         ];
         for (on, bit) in optional {
             if on {
@@ -2067,9 +2069,9 @@ pub(super) mod props {
                     // Update always writes labels (so that clearing them works); the variant
                     // for entries without label storage writes them only when set.
                     let labels = find_other(&attrs, 22);
-                    if op == WriteOp::Update || flow.labels != 0 {
+                    if op == WriteOp::Update || flow.labels() != 0 {
                         let want: Vec<u8> = (0..4)
-                            .flat_map(|i| ((flow.labels >> (32 * i)) as u32).to_ne_bytes())
+                            .flat_map(|i| ((flow.labels() >> (32 * i)) as u32).to_ne_bytes())
                             .collect();
                         prop_assert_eq!(labels, Some(want));
                     } else {
@@ -2106,12 +2108,12 @@ pub(super) mod props {
                     prop_assert_eq!(ct.flow.timeout, flow.timeout);
                     prop_assert_eq!(ct.flow.mark, flow.mark);
                     prop_assert_eq!(ct.present.has(Present::MARK), flow.mark != 0);
-                    prop_assert_eq!(ct.flow.labels, flow.labels);
-                    prop_assert_eq!(ct.flow.protoinfo, flow.protoinfo);
-                    prop_assert_eq!(&ct.flow.helper, &flow.helper);
-                    prop_assert_eq!(&ct.flow.master, &flow.master);
-                    prop_assert_eq!(&ct.flow.seq_adj, &flow.seq_adj);
-                    prop_assert_eq!(&ct.flow.synproxy, &flow.synproxy);
+                    prop_assert_eq!(ct.flow.labels(), flow.labels());
+                    prop_assert_eq!(ct.flow.protoinfo(), flow.protoinfo());
+                    prop_assert_eq!(&ct.flow.helper(), &flow.helper());
+                    prop_assert_eq!(&ct.flow.master(), &flow.master());
+                    prop_assert_eq!(&ct.flow.seq_adj(), &flow.seq_adj());
+                    prop_assert_eq!(&ct.flow.synproxy(), &flow.synproxy());
                 }
             }
         }
@@ -2237,7 +2239,8 @@ pub(super) mod props {
             op in arb_op(),
             kind in arb_kind(),
         ) {
-            let flow = Flow { helper: Some(name.into_boxed_str()), ..flow };
+            let mut flow = flow;
+            flow.set_helper(Some(name.into_boxed_str()));
             let (new, old) = both(&[], |buf, e| {
                 e.write(buf, op, &flow, 1, false);
                 e.entry(buf, kind, &flow, 2);
@@ -2258,7 +2261,8 @@ pub(super) mod props {
         /// grows the buffer halfway (a buffer with that much room is never reallocated).
         #[test]
         fn messages_fit_the_reserved_bound(flow in arb_flow(), name in "\\PC{0,40}") {
-            let flow = Flow { helper: Some(name.into_boxed_str()), ..flow };
+            let mut flow = flow;
+            flow.set_helper(Some(name.into_boxed_str()));
             let room = max_len(&flow);
             let ops = [WriteOp::Create, WriteOp::Update, WriteOp::UpdateWithoutLabels, WriteOp::Delete];
             let kinds = [CtEventKind::New, CtEventKind::Update, CtEventKind::Destroy];
@@ -2404,15 +2408,15 @@ pub(super) mod props {
         };
         let mut flow = Flow::new(Zone::default(), t, plain_inverse(&t));
         flow.status = status::SRC_NAT_DONE | status::DST_NAT_DONE;
-        flow.protoinfo = ProtoInfo::Sctp {
+        flow.set_protoinfo(ProtoInfo::Sctp {
             state: 4,
             vtag_orig: 1,
             vtag_reply: 2,
-        };
-        flow.helper = Some("ftp".into());
-        flow.master = Some(Box::new(t));
-        flow.seq_adj = Some(Box::default());
-        flow.synproxy = Some(Box::new(Synproxy {
+        });
+        flow.set_helper(Some("ftp".into()));
+        flow.set_master(Some(t));
+        flow.set_seq_adj(Some(SeqAdj::default()));
+        flow.set_synproxy(Some(Synproxy {
             isn: 1,
             its: 2,
             tsoff: 3,
@@ -2462,13 +2466,13 @@ pub(super) mod props {
             l4: L4::Ports { src: 1, dst: 2 },
         };
         let mut flow = Flow::new(Zone::default(), t, plain_inverse(&t));
-        flow.protoinfo = ProtoInfo::Tcp(TcpInfo {
+        flow.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
             state: 3,
             wscale_orig: 7,
             wscale_reply: 9,
             flags_orig: 0x23,
             flags_reply: 0x01,
-        });
+        }));
         let mut buf = Vec::new();
         encode_write(&mut buf, WriteOp::Update, &flow, 1, false);
         let (_, _, attrs) = nf_parse(&buf);
@@ -2604,13 +2608,13 @@ mod robustness {
         f.status = 0x18e;
         f.timeout = 119;
         f.mark = 7;
-        f.protoinfo = ProtoInfo::Tcp(TcpInfo {
+        f.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
             state: 3,
             wscale_orig: 7,
             wscale_reply: 8,
             flags_orig: 0x23,
             flags_reply: 0x21,
-        });
+        }));
         f
     }
 
@@ -2818,7 +2822,7 @@ mod robustness {
         attrs.push(nla(22, &bytes));
         let ct = decode_conntrack(&only_message(&nlmsg(0x0100, 0, 1, 2, &attrs))).unwrap();
         if cfg!(target_endian = "little") {
-            assert_eq!(ct.flow.labels, (1 << 127) | (1 << 3));
+            assert_eq!(ct.flow.labels(), (1 << 127) | (1 << 3));
         }
         assert!(ct.present.has(Present::LABELS));
     }

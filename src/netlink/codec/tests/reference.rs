@@ -69,10 +69,10 @@ pub fn encode_entry(buf: &mut Vec<u8>, kind: CtEventKind, flow: &Flow, seq: u32)
         &flow.reply,
         reply_zone,
     )));
-    if let Some(master) = &flow.master {
+    if let Some(master) = flow.master() {
         attrs.push(nested_raw(cta::TUPLE_MASTER, &tuple_nlas(master, None)));
     }
-    if let Some(helper) = &flow.helper {
+    if let Some(helper) = flow.helper() {
         attrs.push(helper_attr(helper));
     }
     mutable_attrs(&mut attrs, flow, flow.status, false);
@@ -187,10 +187,10 @@ fn create_attrs(flow: &Flow) -> Vec<ConntrackAttribute> {
         reply_zone,
     )));
     attrs.extend(nat_attrs(flow));
-    if let Some(master) = &flow.master {
+    if let Some(master) = flow.master() {
         attrs.push(nested_raw(cta::TUPLE_MASTER, &tuple_nlas(master, None)));
     }
-    if let Some(helper) = &flow.helper {
+    if let Some(helper) = flow.helper() {
         attrs.push(helper_attr(helper));
     }
     // The kernel itself sets EXPECTED when it links a master, and refuses it from userspace.
@@ -204,7 +204,7 @@ fn update_attrs(flow: &Flow, labels: bool) -> Vec<ConntrackAttribute> {
     // NAT, master and helper cannot change on an existing entry; the kernel refuses them.
     let st = (flow.status | status::CONFIRMED) & !status::DYING;
     mutable_attrs(&mut attrs, flow, st, false);
-    if labels && flow.labels == 0 {
+    if labels && flow.labels() == 0 {
         attrs.push(raw(cta::LABELS, encode_labels(0)));
     }
     attrs
@@ -218,17 +218,17 @@ fn mutable_attrs(attrs: &mut Vec<ConntrackAttribute>, flow: &Flow, st: u32, crea
     }
     // Labels need the kernel's label extension; an all-zero write fails where it is absent
     // (updates handle that case themselves).
-    if flow.labels != 0 {
-        attrs.push(raw(cta::LABELS, encode_labels(flow.labels)));
+    if flow.labels() != 0 {
+        attrs.push(raw(cta::LABELS, encode_labels(flow.labels())));
     }
-    if let Some(p) = protoinfo_attr(&flow.protoinfo) {
+    if let Some(p) = protoinfo_attr(&flow.protoinfo()) {
         attrs.push(p);
     }
-    if let Some(adj) = &flow.seq_adj {
+    if let Some(adj) = flow.seq_adj() {
         attrs.push(seqadj_attr(cta::SEQ_ADJ_ORIG, &adj.orig));
         attrs.push(seqadj_attr(cta::SEQ_ADJ_REPLY, &adj.reply));
     }
-    if let Some(sp) = &flow.synproxy {
+    if let Some(sp) = flow.synproxy() {
         let members = [
             raw_nla(attr::synproxy::ISN, sp.isn.to_be_bytes().to_vec()),
             raw_nla(attr::synproxy::ITS, sp.its.to_be_bytes().to_vec()),
