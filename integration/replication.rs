@@ -621,6 +621,24 @@ fn replicates_100k_flows_updates_and_deletions() {
     );
     let st = p.b.status().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(st["ready"], true, "{st}");
+
+    // A commit of the whole external cache, written in several chunks, puts exactly A's flows
+    // into B's kernel.
+    let held = st["sync"]["external_flows"].as_u64();
+    let out =
+        p.b.syncctl(&["commit", "--json"])
+            .unwrap_or_else(|e| panic!("syncctl commit: {e}"));
+    let summary: Value = serde_json::from_slice(&out).expect("commit summary is JSON");
+    assert_eq!(summary["flows"].as_u64(), held, "{summary}");
+    assert_eq!(summary["failed"].as_u64(), Some(0), "{summary}");
+    let committed: HashSet<_> = kernel_flows(&p.b_ns).iter().map(|f| f.key).collect();
+    let a_keys: HashSet<_> = kernel_flows(&p.a_ns).iter().map(|f| f.key).collect();
+    assert!(
+        committed == a_keys,
+        "fwb's kernel holds {} flows after the commit, fwa's {}",
+        committed.len(),
+        a_keys.len()
+    );
 }
 
 /// Acceptance: B restarted with the same config becomes ready again and then holds all of A's

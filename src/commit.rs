@@ -2,7 +2,7 @@
 //!
 //! Pure functions: which flows, in which form. The writing itself is `netlink::Writer`.
 
-use crate::flow::{Flow, ProtoInfo};
+use crate::flow::{Flow, FlowKey, ProtoInfo};
 use crate::sync::ExternalCache;
 use std::time::Duration;
 
@@ -43,66 +43,104 @@ pub fn prepare(flow: &Flow, remaining: u32, opts: &CommitOptions) -> Flow {
     f
 }
 
-/// Every flow of the external cache, shaped for injection. Masters come before related flows
-/// (the writer keeps that order too).
-pub fn prepare_all(external: &ExternalCache, now: Duration, opts: &CommitOptions) -> Vec<Flow> {
-    let mut out = Vec::with_capacity(external.len());
-    for (_, origin) in external.origins() {
-        out.extend(
-            origin
-                .iter()
-                .map(|e| prepare(&e.flow, e.remaining_timeout(now), opts)),
-        );
+/// The keys of every flow of the external cache, masters before related flows (so that a
+/// related flow finds its master in the kernel), for a commit written chunk by chunk.
+pub fn commit_order(external: &ExternalCache) -> Vec<FlowKey> {
+    let mut keys = Vec::with_capacity(external.len());
+    for related in [false, true] {
+        for (_, origin) in external.origins() {
+            keys.extend(
+                origin
+                    .iter()
+                    .filter(|e| e.flow.master().is_some() == related)
+                    .map(|e| e.flow.key),
+            );
+        }
     }
-    out.sort_by_key(|f| f.master().is_some());
-    out
+    keys
+}
+
+/// The flows of `keys` still in the external cache, shaped for injection.
+pub fn prepare_keys(
+    external: &ExternalCache,
+    keys: &[FlowKey],
+    now: Duration,
+    opts: &CommitOptions,
+) -> Vec<Flow> {
+    keys.iter()
+        .filter_map(|k| external.origins().find_map(|(_, o)| o.get(k)))
+        .map(|e| prepare(&e.flow, e.remaining_timeout(now), opts))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::flow::{proto, TcpInfo, Tuple, Zone, L4};
+    use crate::sync::message::Batch;
 
-    fn tcp(timeout: u32) -> Flow {
+    fn flow(port: u16) -> Flow {
         let t = Tuple {
             src: "10.0.0.1".parse().unwrap(),
             dst: "10.0.0.2".parse().unwrap(),
             proto: proto::TCP,
-            l4: L4::Ports { src: 1, dst: 2 },
+            l4: L4::Ports { src: port, dst: 21 },
         };
         let mut f = Flow::new(Zone::default(), t, t.inverse());
-        f.timeout = timeout;
+        f.timeout = 100;
         f.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
             state: 3,
-            flags_orig: 0x03,
             ..TcpInfo::default()
         }));
         f
     }
 
-    #[test]
-    fn tcp_flows_become_liberal_and_keep_their_flags() {
-        let f = prepare(&tcp(300), 200, &CommitOptions::default());
-        let ProtoInfo::Tcp(t) = f.protoinfo() else {
-            panic!("not tcp")
+    /// An external cache holding `flows` from peer "b", received at time zero.
+    fn external(flows: Vec<Flow>) -> ExternalCache {
+        let mut ext = ExternalCache::default();
+        let origin = ext.origin_mut("b");
+        origin.set_epoch(1);
+        let upserts = flows
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| (i as u64 + 1, f));
+        let batch = Batch {
+            epoch: 1,
+            seq: 1,
+            upserts: upserts.collect(),
+            deletes: Vec::new(),
         };
-        assert_eq!(t.flags_orig, 0x03 | TCP_FLAG_BE_LIBERAL);
-        assert_eq!(t.flags_reply, TCP_FLAG_BE_LIBERAL);
-        assert_eq!(f.timeout, 200);
-        let strict = CommitOptions {
-            tcp_liberal: false,
-            ..CommitOptions::default()
-        };
-        assert_eq!(
-            prepare(&tcp(300), 200, &strict).protoinfo(),
-            tcp(300).protoinfo()
-        );
+        origin.apply_batch(&batch, Duration::ZERO);
+        ext
     }
 
     #[test]
-    fn expired_timeouts_get_the_floor_but_never_more_than_the_original() {
+    fn masters_are_committed_before_related_flows() {
+        let mut related = flow(40000);
+        related.set_master(Some(flow(1).key.orig));
+        let ext = external(vec![related.clone(), flow(1), flow(2)]);
+        let keys = commit_order(&ext);
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[2], related.key, "the related flow comes last");
+    }
+
+    #[test]
+    fn prepared_flows_are_aged_liberal_and_skip_vanished_keys() {
+        let ext = external(vec![flow(1), flow(2)]);
+        let gone = flow(3).key;
         let opts = CommitOptions::default();
-        assert_eq!(prepare(&tcp(432000), 0, &opts).timeout, 60);
-        assert_eq!(prepare(&tcp(30), 0, &opts).timeout, 30);
+        let keys = [flow(1).key, gone, flow(2).key];
+        let out = prepare_keys(&ext, &keys, Duration::from_secs(30), &opts);
+        assert_eq!(out.len(), 2, "a key no longer in the cache is skipped");
+        assert_eq!(out[0].timeout, 70, "100 s replicated, 30 s ago");
+        let ProtoInfo::Tcp(t) = out[0].protoinfo() else {
+            panic!("TCP state kept")
+        };
+        assert_eq!(t.flags_orig & TCP_FLAG_BE_LIBERAL, TCP_FLAG_BE_LIBERAL);
+        let late = prepare_keys(&ext, &keys[..1], Duration::from_secs(99), &opts);
+        assert_eq!(
+            late[0].timeout, 60,
+            "a nearly expired flow gets min_timeout"
+        );
     }
 }

@@ -295,6 +295,7 @@ impl State<'_> {
                         .purge_if_due(self.mirror.table(), r.external());
                 }
                 r.pump(self.mirror.table());
+                self.failover.resume_commit(r.external(), r.now());
                 if self.failover.continuous() {
                     self.failover.queue_injection(r.take_external_changes());
                     self.failover.inject_pending(r.external(), r.now());

@@ -46,7 +46,6 @@ pub struct JobDone {
     writer: Writer,
     result: Result<WriteReport, String>,
     flows: usize,
-    elapsed: Duration,
 }
 
 /// Outcome of a commit, for `syncctl commit` and status.
@@ -129,6 +128,22 @@ pub enum AfterJob {
     Committed(CommitSummary),
 }
 
+/// Flows written per commit job: the flows of a commit are prepared chunk by chunk, so that a
+/// commit of the whole cache never holds a second copy of it (a list of keys is kept instead).
+const COMMIT_CHUNK: usize = 16_384;
+
+/// A commit in progress, written chunk by chunk.
+struct CommitPlan {
+    kind: JobKind,
+    /// Keys still to write, masters first.
+    keys: Vec<FlowKey>,
+    next: usize,
+    /// Flows written so far (keys that left the cache meanwhile are not counted).
+    flows: usize,
+    report: WriteReport,
+    started: Instant,
+}
+
 /// Failover state owned by the daemon's state task.
 pub struct Failover {
     opts: CommitOptions,
@@ -140,6 +155,8 @@ pub struct Failover {
     purge_at: Option<Instant>,
     /// Continuous mode: replicated keys still to write, coalesced (true: delete).
     inject_pending: HashMap<FlowKey, bool>,
+    /// The commit being written, if any.
+    plan: Option<CommitPlan>,
     commits: u64,
     last_commit: Option<CommitSummary>,
     injected: u64,
@@ -163,6 +180,7 @@ impl Failover {
             jobs_tx,
             purge_at: None,
             inject_pending: HashMap::new(),
+            plan: None,
             commits: 0,
             last_commit: None,
             injected: 0,
@@ -182,9 +200,9 @@ impl Failover {
         self.mode == CommitMode::Continuous
     }
 
-    /// Whether a write job is running.
+    /// Whether a write job is running, or a commit has chunks left to write.
     pub fn busy(&self) -> bool {
-        self.writer.is_none()
+        self.writer.is_none() || self.plan.is_some()
     }
 
     /// When a scheduled purge is due.
@@ -193,13 +211,42 @@ impl Failover {
     }
 
     /// Starts a commit of the whole external cache (also the first step of a promotion).
+    /// False when another write is running.
     pub fn commit(&mut self, external: &ExternalCache, now: Duration, kind: JobKind) -> bool {
-        let flows = commit::prepare_all(external, now, &self.opts);
+        if self.busy() {
+            return false;
+        }
         if kind == JobKind::Promote {
             self.role = Role::Primary;
             self.purge_at = None;
         }
-        self.spawn(kind, flows, Vec::new())
+        self.plan = Some(CommitPlan {
+            kind,
+            keys: commit::commit_order(external),
+            next: 0,
+            flows: 0,
+            report: WriteReport::default(),
+            started: Instant::now(),
+        });
+        self.resume_commit(external, now);
+        true
+    }
+
+    /// Writes the next chunk of a commit in progress, if the writer is free. Call whenever the
+    /// state task is woken (the daemon does after every event).
+    pub fn resume_commit(&mut self, external: &ExternalCache, now: Duration) {
+        let Some(plan) = &mut self.plan else {
+            return;
+        };
+        if self.writer.is_none() {
+            return;
+        }
+        let end = (plan.next + COMMIT_CHUNK).min(plan.keys.len());
+        let flows = commit::prepare_keys(external, &plan.keys[plan.next..end], now, &self.opts);
+        plan.next = end;
+        plan.flows += flows.len();
+        let kind = plan.kind;
+        self.spawn(kind, flows, Vec::new());
     }
 
     /// Becomes backup: a purge of flows we no longer own is scheduled (a promotion cancels it).
@@ -217,6 +264,7 @@ impl Failover {
 
     /// Starts a continuous-injection job for what is pending, if the writer is free.
     pub fn inject_pending(&mut self, external: &ExternalCache, now: Duration) {
+        // A commit in progress goes first; what is pending waits for its end.
         if self.inject_pending.is_empty() || self.busy() {
             return;
         }
@@ -268,7 +316,6 @@ impl Failover {
         };
         let tx = self.jobs_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let t0 = Instant::now();
             let flows = upserts.len() + deletes.len();
             let result = writer
                 .upsert(&upserts)
@@ -285,7 +332,6 @@ impl Failover {
                 writer,
                 result,
                 flows,
-                elapsed: t0.elapsed(),
             };
             let _ = tx.blocking_send(done);
         });
@@ -297,7 +343,9 @@ impl Failover {
         self.writer = Some(done.writer);
         match done.kind {
             JobKind::Commit | JobKind::Promote => {
-                let summary = CommitSummary::new(done.flows, &done.result, done.elapsed);
+                let Some(summary) = self.commit_chunk_done(done.result) else {
+                    return AfterJob::Nothing;
+                };
                 self.commits += 1;
                 self.last_commit = Some(summary.clone());
                 tracing::info!(
@@ -337,6 +385,35 @@ impl Failover {
                 AfterJob::Nothing
             }
         }
+    }
+
+    /// Adds a chunk's outcome to the commit in progress; the commit's summary once the last
+    /// chunk is written or the write failed as a whole.
+    fn commit_chunk_done(&mut self, result: Result<WriteReport, String>) -> Option<CommitSummary> {
+        let plan = self.plan.as_mut()?;
+        let error = match result {
+            Ok(r) => {
+                plan.report.created += r.created;
+                plan.report.updated += r.updated;
+                plan.report.replaced += r.replaced;
+                plan.report.failures.extend(r.failures);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if error.is_none() && plan.next < plan.keys.len() {
+            return None;
+        }
+        let plan = self.plan.take()?;
+        let result = match error {
+            Some(e) => Err(e),
+            None => Ok(plan.report),
+        };
+        Some(CommitSummary::new(
+            plan.flows,
+            &result,
+            plan.started.elapsed(),
+        ))
     }
 
     /// State for `syncctl status`.
