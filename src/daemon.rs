@@ -66,7 +66,9 @@ struct DumpResult {
 /// Events per channel message: amortises the channel hand-off.
 const EVENT_BATCH: usize = 2048;
 /// Channel capacity in batches; beyond it the reader blocks and the kernel buffer takes over.
-const EVENT_QUEUE: usize = 64;
+/// Small on purpose: events waiting here cost the daemon's memory (about 300 KB a batch), while
+/// the kernel's socket buffer holds them in kernel memory, up to `event_buffer_bytes`.
+const EVENT_QUEUE: usize = 4;
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
@@ -246,6 +248,9 @@ impl State<'_> {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break Ok(()),
+                // Before events: a commit's next chunk waits for this, and the commit's own
+                // events would otherwise keep it waiting.
+                Some(done) = jobs.recv() => self.job_done(done),
                 Some(msg) = events.recv() => match msg {
                     EventMsg::Batch(batch) => self.events(batch),
                     EventMsg::Failed(e) => break Err(DaemonError::EventsStopped(e)),
@@ -280,7 +285,6 @@ impl State<'_> {
                 }
                 _ = watchdog.tick() => self.notifier.send("WATCHDOG=1"),
                 Some((req, reply)) = calls.recv() => self.call(req, reply),
-                Some(done) = jobs.recv() => self.job_done(done),
                 () = purge_timer(self.failover.purge_at()) => {}
                 else => break Err(DaemonError::EventsStopped("channels closed".into())),
             }
