@@ -131,7 +131,9 @@ impl Daemon {
                 cmd.arg(ctsyncd_path()?)
                     .arg("--config")
                     .arg(self.config_path());
-                cmd.env("RUST_LOG", "warn");
+                // Quiet unless asked otherwise: logging is work the comparison would count.
+                let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+                cmd.env("RUST_LOG", filter);
             }
             Kind::Conntrackd => {
                 let _ =
