@@ -6,6 +6,7 @@
 //! times take a process-wide lock (see [`support::exclusive`]), so `cargo test` with parallel test
 //! threads still runs them one at a time on small machines.
 
+mod benchmark;
 mod failover;
 mod mirror;
 mod replication;

@@ -22,7 +22,9 @@ fn policy_number(p: SchedPolicy) -> libc::c_int {
 }
 
 /// Sets the calling thread's scheduling policy; call before any other thread starts, so that
-/// all of them inherit it. Children do not (`SCHED_RESET_ON_FORK`).
+/// all of them inherit it. Never with `SCHED_RESET_ON_FORK`: on Linux that flag resets new
+/// *threads* too, so the runtime's workers and the event thread would lose the policy (a flag
+/// set from outside, by systemd's `CPUSchedulingResetOnFork=`, is cleared for that reason).
 ///
 /// Fails with `EPERM` without `CAP_SYS_NICE` (or an `RLIMIT_RTPRIO` allowing the priority).
 pub fn apply(cfg: &ProcessConfig) -> io::Result<Applied> {
@@ -39,14 +41,14 @@ pub fn apply(cfg: &ProcessConfig) -> io::Result<Applied> {
         sched_priority: priority,
     };
     // SAFETY: `param` is a valid sched_param for the duration of the call; pid 0 is this thread.
-    let rc = unsafe { libc::sched_setscheduler(0, policy | libc::SCHED_RESET_ON_FORK, &param) };
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(Applied::Set)
 }
 
-/// The calling thread's policy (without the reset-on-fork flag) and priority.
+/// The calling thread's policy (with the reset-on-fork flag, if set) and priority.
 pub fn current() -> Option<(libc::c_int, libc::c_int)> {
     // SAFETY: pid 0 is this thread; no pointers are involved.
     let policy = unsafe { libc::sched_getscheduler(0) };
@@ -58,7 +60,7 @@ pub fn current() -> Option<(libc::c_int, libc::c_int)> {
     if unsafe { libc::sched_getparam(0, &mut param) } != 0 {
         return None;
     }
-    Some((policy & !libc::SCHED_RESET_ON_FORK, param.sched_priority))
+    Some((policy, param.sched_priority))
 }
 
 #[cfg(test)]
@@ -75,6 +77,23 @@ mod tests {
             };
             assert!(apply(&cfg).is_ok());
             assert_eq!(current(), Some((libc::SCHED_OTHER, 0)));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn threads_started_afterwards_inherit_the_policy() {
+        std::thread::spawn(|| {
+            let cfg = ProcessConfig {
+                scheduler: SchedPolicy::Rr,
+                priority: 1,
+            };
+            if apply(&cfg).is_err() {
+                return; // no CAP_SYS_NICE: covered by the test below
+            }
+            let child = std::thread::spawn(current).join().unwrap();
+            assert_eq!(child, Some((libc::SCHED_RR, 1)));
         })
         .join()
         .unwrap();

@@ -1,0 +1,79 @@
+//! The comparison benchmark itself must keep working: `ctsync-compare` runs end to end on a
+//! small table and reports complete replication, commit, resync, deletion, loss and latency
+//! runs. No figure is asserted (speed is the benchmark's business, not a test's); what is
+//! asserted is that every measurement happened and that ctsync lost nothing.
+
+use crate::support::{exclusive, require_root};
+use serde_json::Value;
+use std::process::{Command, Stdio};
+
+/// Completeness metrics every ctsync run must report, at 1.
+const COMPLETE: &[&str] = &[
+    "replication_completeness",
+    "commit_completeness",
+    "resync_completeness",
+    "delete_completeness",
+    "loss_replication_completeness",
+    "loss_commit_completeness",
+    "latency_completeness",
+];
+
+fn conntrackd_installed() -> bool {
+    Command::new("conntrackd")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+#[test]
+fn compare_runs_end_to_end() {
+    if !require_root() {
+        return;
+    }
+    let _serial = exclusive();
+    let out = Command::new(env!("CARGO_BIN_EXE_ctsync-compare"))
+        .args(["--flows", "3000", "--runs", "1", "--latency-rate", "2000"])
+        .args(["--latency-secs", "1", "--timeout", "60", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ctsync-compare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ctsync-compare failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ctsync-compare printed no JSON ({e}): {stderr}"));
+    let rows = report["results"].as_array().expect("results");
+    let value = |imp: &str, metric: &str| {
+        rows.iter()
+            .find(|r| r["implementation"] == imp && r["metric"] == metric)
+            .and_then(|r| r["median"].as_f64())
+    };
+    for metric in COMPLETE {
+        assert_eq!(
+            value("ctsync", metric),
+            Some(1.0),
+            "ctsync {metric}: {report}"
+        );
+    }
+    for metric in ["replication_s", "commit_s", "resync_s", "delete_s", "cpu_s"] {
+        let v = value("ctsync", metric).unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "ctsync {metric} = {v}: {report}");
+    }
+    assert!(value("raw", "raw_commit_s").is_some(), "{report}");
+    let p99 = value("ctsync", "latency_p99_ms").unwrap_or(f64::NAN);
+    assert!(p99.is_finite(), "latency p99 = {p99}");
+    if conntrackd_installed() {
+        assert!(
+            value("conntrackd", "replication_s").is_some(),
+            "conntrackd is installed but was not measured: {report}"
+        );
+        assert!(
+            report["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "no targets evaluated: {report}"
+        );
+    } else {
+        let notes = report["notes"].to_string();
+        assert!(notes.contains("conntrackd is not installed"), "{notes}");
+    }
+}
