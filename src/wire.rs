@@ -8,7 +8,9 @@
 //! input.
 //!
 //! Conventions on the wire:
-//! - addresses are 4 (IPv4) or 16 (IPv6) bytes, both of one family within a tuple;
+//! - an IPv4 address is a `fixed32` (`src_v4`, `dst_v4`; since 1.1), an IPv6 one 16 bytes
+//!   (`src`, `dst`); each address is in exactly one form, and both addresses of a tuple are of
+//!   one family. IPv4 as 4 bytes in `src`/`dst` (what 1.0 peers send) is still accepted;
 //! - the layer-4 fields a protocol does not use are 0: ports only for
 //!   [`proto::has_ports`] protocols, id/type/code only for [`proto::is_icmp`] ones;
 //! - labels are 16 bytes big-endian (label *n* is bit *n* of the number), and are left empty when
@@ -52,6 +54,18 @@ pub enum WireError {
         field: String,
         /// Length received.
         len: usize,
+    },
+    /// An address is both in its bytes field and in its IPv4 field (`src` and `src_v4`).
+    #[error("{field}: address given both as bytes and in {field}_v4, expected one form")]
+    AddressTwice {
+        /// Path of the bytes field.
+        field: String,
+    },
+    /// An address is in neither its bytes field nor its IPv4 field (`src` or `src_v4`).
+    #[error("{field}: address missing, expected 16 bytes (IPv6) or {field}_v4 (IPv4)")]
+    AddressMissing {
+        /// Path of the bytes field.
+        field: String,
     },
     /// The two addresses of a tuple are of different families.
     #[error("{field}: source and destination addresses of different families")]
@@ -104,6 +118,8 @@ impl WireError {
             WireError::EmptyMessage => {}
             WireError::Missing { field }
             | WireError::AddressLength { field, .. }
+            | WireError::AddressTwice { field }
+            | WireError::AddressMissing { field }
             | WireError::MixedFamily { field }
             | WireError::OutOfRange { field, .. }
             | WireError::UnusedL4 { field, .. }
@@ -125,6 +141,8 @@ impl WireError {
             WireError::EmptyMessage => "",
             WireError::Missing { field }
             | WireError::AddressLength { field, .. }
+            | WireError::AddressTwice { field }
+            | WireError::AddressMissing { field }
             | WireError::MixedFamily { field }
             | WireError::OutOfRange { field, .. }
             | WireError::UnusedL4 { field, .. }
@@ -314,31 +332,50 @@ fn decode_batch(b: pb::Batch) -> Result<Batch, WireError> {
 
 // ---- Tuples ----
 
-fn encode_addr(a: IpAddr) -> Vec<u8> {
+/// An address as its bytes field and its IPv4 field. IPv4 goes in the `fixed32`, which costs
+/// no allocation on either side (a bytes field is a `Vec` in prost); only IPv6 needs the bytes.
+fn encode_addr(a: IpAddr) -> (Vec<u8>, Option<u32>) {
     match a {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+        IpAddr::V4(a) => (Vec::new(), Some(a.to_bits())),
+        IpAddr::V6(a) => (a.octets().to_vec(), None),
     }
 }
 
-fn decode_addr(b: &[u8], field: &str) -> Result<IpAddr, WireError> {
-    if let Ok(a) = <[u8; 4]>::try_from(b) {
-        Ok(IpAddr::V4(Ipv4Addr::from(a)))
-    } else if let Ok(a) = <[u8; 16]>::try_from(b) {
-        Ok(IpAddr::V6(Ipv6Addr::from(a)))
-    } else {
-        Err(WireError::AddressLength {
+/// Reads an address from its bytes field `b` and its IPv4 field `v4`, exactly one of which must
+/// be set. 4 bytes are still IPv4: that is how senders of version 1.0 encode it.
+fn decode_addr(b: &[u8], v4: Option<u32>, field: &str) -> Result<IpAddr, WireError> {
+    match v4 {
+        Some(_) if !b.is_empty() => Err(WireError::AddressTwice {
             field: field.to_string(),
-            len: b.len(),
-        })
+        }),
+        Some(a) => Ok(IpAddr::V4(Ipv4Addr::from_bits(a))),
+        None if b.is_empty() => Err(WireError::AddressMissing {
+            field: field.to_string(),
+        }),
+        None => {
+            if let Ok(a) = <[u8; 16]>::try_from(b) {
+                Ok(IpAddr::V6(Ipv6Addr::from(a)))
+            } else if let Ok(a) = <[u8; 4]>::try_from(b) {
+                Ok(IpAddr::V4(Ipv4Addr::from(a)))
+            } else {
+                Err(WireError::AddressLength {
+                    field: field.to_string(),
+                    len: b.len(),
+                })
+            }
+        }
     }
 }
 
 impl From<&Tuple> for pb::Tuple {
     fn from(t: &Tuple) -> Self {
+        let (src, src_v4) = encode_addr(t.src);
+        let (dst, dst_v4) = encode_addr(t.dst);
         let mut out = pb::Tuple {
-            src: encode_addr(t.src),
-            dst: encode_addr(t.dst),
+            src,
+            dst,
+            src_v4,
+            dst_v4,
             proto: t.proto.into(),
             ..Default::default()
         };
@@ -362,8 +399,8 @@ impl TryFrom<pb::Tuple> for Tuple {
     type Error = WireError;
 
     fn try_from(t: pb::Tuple) -> Result<Self, WireError> {
-        let src = decode_addr(&t.src, "src")?;
-        let dst = decode_addr(&t.dst, "dst")?;
+        let src = decode_addr(&t.src, t.src_v4, "src")?;
+        let dst = decode_addr(&t.dst, t.dst_v4, "dst")?;
         if src.is_ipv4() != dst.is_ipv4() {
             return Err(WireError::MixedFamily {
                 field: String::new(),
@@ -893,7 +930,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_address_length() {
-        let e = reject(|f| orig(f).src = vec![10, 0, 0]);
+        let e = reject(|f| {
+            let t = orig(f);
+            t.src = vec![10, 0, 0];
+            t.src_v4 = None;
+        });
         assert_eq!(
             e,
             WireError::AddressLength {
@@ -905,13 +946,151 @@ mod tests {
             e.to_string(),
             "batch.upserts[0].flow.key.orig.src: address of 3 bytes, expected 4 (IPv4) or 16 (IPv6)"
         );
-        let e = reject(|f| f.reply.as_mut().unwrap().dst = vec![]);
+        let e = reject(|f| {
+            let t = orig(f);
+            t.dst = vec![0; 5];
+            t.dst_v4 = None;
+        });
+        assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.dst");
+    }
+
+    #[test]
+    fn ipv4_addresses_go_in_the_fixed32_fields() {
+        let pt = pb::Tuple::from(&tcp_flow().key.orig);
+        assert!(pt.src.is_empty() && pt.dst.is_empty());
+        assert_eq!(pt.src_v4, Some(0x0a00_0001));
+        assert_eq!(pt.dst_v4, Some(0x0a00_0002));
+        // On the wire: tag 9 and 10, wire type 5 (fixed32), little-endian; nothing for src/dst.
+        let bytes = pt.encode_to_vec();
+        assert!(
+            bytes.starts_with(&[0x18, 6, 0x20, 0xe8, 0x07, 0x28, 80]),
+            "{bytes:02x?}"
+        );
+        assert!(
+            bytes.ends_with(&[0x4d, 1, 0, 0, 0x0a, 0x55, 2, 0, 0, 0x0a]),
+            "{bytes:02x?}"
+        );
+        // 0.0.0.0 is a present field, not an absent one.
+        let zero = Tuple {
+            src: Ipv4Addr::UNSPECIFIED.into(),
+            ..tcp_flow().key.orig
+        };
+        let pt = pb::Tuple::decode(pb::Tuple::from(&zero).encode_to_vec().as_slice()).unwrap();
+        assert_eq!(pt.src_v4, Some(0));
+        assert_eq!(Tuple::try_from(pt).unwrap(), zero);
+        // The whole flow round-trips, reply and master included.
+        let mut flow = tcp_flow();
+        flow.set_master(Some(flow.key.orig));
+        let pf = pb::Flow::from(&flow);
+        for t in [&pf.key.as_ref().unwrap().orig, &pf.reply, &pf.master] {
+            let t = t.as_ref().unwrap();
+            assert!(t.src.is_empty() && t.dst.is_empty());
+            assert!(t.src_v4.is_some() && t.dst_v4.is_some());
+        }
+        assert_eq!(Flow::try_from(pf).unwrap(), flow);
+    }
+
+    #[test]
+    fn ipv6_addresses_stay_in_bytes() {
+        let t = Tuple {
+            src: "2001:db8::1".parse().unwrap(),
+            dst: "2001:db8::2".parse().unwrap(),
+            proto: proto::UDP,
+            l4: L4::Ports { src: 53, dst: 53 },
+        };
+        let pt = pb::Tuple::from(&t);
+        assert_eq!((pt.src.len(), pt.dst.len()), (16, 16));
+        assert_eq!((pt.src_v4, pt.dst_v4), (None, None));
+        assert_eq!(Tuple::try_from(pt).unwrap(), t);
+    }
+
+    #[test]
+    fn ipv4_as_four_bytes_from_older_peers_is_accepted() {
+        let flow = tcp_flow();
+        let mut pf = pb::Flow::from(&flow);
+        // What a 1.0 sender writes: 4 bytes, no fixed32 field.
+        let key_orig = pf.key.as_mut().unwrap().orig.as_mut().unwrap();
+        for t in [key_orig, pf.reply.as_mut().unwrap()] {
+            t.src = t.src_v4.take().unwrap().to_be_bytes().to_vec();
+            t.dst = t.dst_v4.take().unwrap().to_be_bytes().to_vec();
+        }
+        assert_eq!(pf.reply.as_ref().unwrap().dst, vec![10, 0, 0, 1]);
+        assert_eq!(decode(batch_of(pf.clone())).unwrap(), {
+            Message::Batch(Batch {
+                epoch: 1,
+                seq: 1,
+                upserts: vec![(1, flow.clone())],
+                deletes: vec![],
+            })
+        });
+        // One address of each form in a tuple is fine too: each address is read on its own.
+        orig(&mut pf).dst_v4 = Some(0x0a00_0002);
+        orig(&mut pf).dst.clear();
+        assert_eq!(Flow::try_from(pf).unwrap(), flow);
+    }
+
+    #[test]
+    fn rejects_an_address_in_both_forms() {
+        let e = reject(|f| orig(f).src = vec![10, 0, 0, 1]);
+        assert_eq!(
+            e,
+            WireError::AddressTwice {
+                field: "batch.upserts[0].flow.key.orig.src".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "batch.upserts[0].flow.key.orig.src: address given both as bytes and in \
+             batch.upserts[0].flow.key.orig.src_v4, expected one form"
+        );
+        // Even when the bytes are IPv6: no guessing which form the sender meant.
+        let e = reject(|f| f.reply.as_mut().unwrap().dst = vec![0; 16]);
         assert_eq!(e.field(), "batch.upserts[0].flow.reply.dst");
+        assert!(matches!(e, WireError::AddressTwice { .. }));
+    }
+
+    #[test]
+    fn rejects_an_address_in_neither_form() {
+        let e = reject(|f| orig(f).dst_v4 = None);
+        assert_eq!(
+            e,
+            WireError::AddressMissing {
+                field: "batch.upserts[0].flow.key.orig.dst".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "batch.upserts[0].flow.key.orig.dst: address missing, expected 16 bytes (IPv6) or \
+             batch.upserts[0].flow.key.orig.dst_v4 (IPv4)"
+        );
+        let m = pb::PeerMessage {
+            body: Some(Body::Batch(pb::Batch {
+                deletes: vec![pb::FlowDelete {
+                    version: 1,
+                    key: Some(pb::FlowKey {
+                        orig: Some(pb::Tuple {
+                            src_v4: Some(1),
+                            proto: proto::TCP.into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                }],
+                ..Default::default()
+            })),
+        };
+        let e = decode(m).unwrap_err();
+        assert_eq!(e.field(), "batch.deletes[0].key.orig.dst");
+        assert!(matches!(e, WireError::AddressMissing { .. }));
     }
 
     #[test]
     fn rejects_mixed_families() {
-        let e = reject(|f| orig(f).dst = vec![0; 16]);
+        let e = reject(|f| {
+            let t = orig(f);
+            t.dst = vec![0; 16];
+            t.dst_v4 = None;
+        });
         assert_eq!(
             e,
             WireError::MixedFamily {

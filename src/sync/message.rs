@@ -6,8 +6,8 @@ use crate::flow::{Flow, FlowKey};
 
 /// Major protocol version: a peer with another one is refused.
 pub const VERSION_MAJOR: u32 = 1;
-/// Minor protocol version: only adds optional fields.
-pub const VERSION_MINOR: u32 = 0;
+/// Minor protocol version: only adds optional fields. 1.1: IPv4 addresses in `fixed32` fields.
+pub const VERSION_MINOR: u32 = 1;
 
 /// One message between two nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
