@@ -6,9 +6,8 @@
 //! does), including the drop of the intermediate protobuf message; decode is prost's
 //! `Message::decode` then `wire::decode`, excluding the drop of the decoded batch (its flows go on
 //! to the sync engine). Decode reads from a `Bytes`, as tonic's decoder reads from its `BytesMut`:
-//! prost then takes `bytes` fields out of it without a copy, and a `Vec<u8>` field costs one
-//! allocation (from a `&[u8]` it would cost two). Allocations are counted by a counting global
-//! allocator, so they are exact.
+//! prost then takes `bytes` fields (generated as `Bytes`, see build.rs) out of it without a copy
+//! or an allocation. Allocations are counted by a counting global allocator, so they are exact.
 
 use ctsync::sync::{Batch, Message};
 use ctsync::wire::{self, pb};

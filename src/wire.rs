@@ -20,6 +20,7 @@ use crate::flow::{
     proto, Flow, FlowKey, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple, Zone, ZoneDir, L4,
 };
 use crate::sync::{Batch, Hello, Message};
+use prost::bytes::Bytes;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -333,11 +334,15 @@ fn decode_batch(b: pb::Batch) -> Result<Batch, WireError> {
 // ---- Tuples ----
 
 /// An address as its bytes field and its IPv4 field. IPv4 goes in the `fixed32`, which costs
-/// no allocation on either side (a bytes field is a `Vec` in prost); only IPv6 needs the bytes.
-fn encode_addr(a: IpAddr) -> (Vec<u8>, Option<u32>) {
+/// no allocation on either side; only IPv6 needs the bytes.
+///
+/// The bytes are built with [`Bytes::from_owner`]: one allocation, and prost's clone of the field
+/// while encoding only bumps its count (a [`Bytes::copy_from_slice`] would allocate again then).
+/// On receive, prost slices bytes fields out of tonic's buffer without copying.
+fn encode_addr(a: IpAddr) -> (Bytes, Option<u32>) {
     match a {
-        IpAddr::V4(a) => (Vec::new(), Some(a.to_bits())),
-        IpAddr::V6(a) => (a.octets().to_vec(), None),
+        IpAddr::V4(a) => (Bytes::new(), Some(a.to_bits())),
+        IpAddr::V6(a) => (Bytes::from_owner(a.octets()), None),
     }
 }
 
@@ -522,9 +527,10 @@ impl From<&Flow> for pb::Flow {
             timeout: f.timeout,
             mark: f.mark,
             labels: if f.labels() == 0 {
-                Vec::new()
+                Bytes::new()
             } else {
-                f.labels().to_be_bytes().to_vec()
+                // As for addresses: one allocation, none for prost's clone.
+                Bytes::from_owner(f.labels().to_be_bytes())
             },
             protoinfo: match f.protoinfo() {
                 ProtoInfo::None => None,
@@ -580,7 +586,7 @@ impl TryFrom<pb::Flow> for Flow {
             0
         } else {
             let bytes =
-                <[u8; 16]>::try_from(f.labels.as_slice()).map_err(|_| WireError::LabelsLength {
+                <[u8; 16]>::try_from(&f.labels[..]).map_err(|_| WireError::LabelsLength {
                     field: "labels".into(),
                     len: f.labels.len(),
                 })?;
@@ -932,7 +938,7 @@ mod tests {
     fn rejects_bad_address_length() {
         let e = reject(|f| {
             let t = orig(f);
-            t.src = vec![10, 0, 0];
+            t.src = vec![10, 0, 0].into();
             t.src_v4 = None;
         });
         assert_eq!(
@@ -948,7 +954,7 @@ mod tests {
         );
         let e = reject(|f| {
             let t = orig(f);
-            t.dst = vec![0; 5];
+            t.dst = vec![0; 5].into();
             t.dst_v4 = None;
         });
         assert_eq!(e.field(), "batch.upserts[0].flow.key.orig.dst");
@@ -1011,8 +1017,8 @@ mod tests {
         // What a 1.0 sender writes: 4 bytes, no fixed32 field.
         let key_orig = pf.key.as_mut().unwrap().orig.as_mut().unwrap();
         for t in [key_orig, pf.reply.as_mut().unwrap()] {
-            t.src = t.src_v4.take().unwrap().to_be_bytes().to_vec();
-            t.dst = t.dst_v4.take().unwrap().to_be_bytes().to_vec();
+            t.src = t.src_v4.take().unwrap().to_be_bytes().to_vec().into();
+            t.dst = t.dst_v4.take().unwrap().to_be_bytes().to_vec().into();
         }
         assert_eq!(pf.reply.as_ref().unwrap().dst, vec![10, 0, 0, 1]);
         assert_eq!(decode(batch_of(pf.clone())).unwrap(), {
@@ -1031,7 +1037,7 @@ mod tests {
 
     #[test]
     fn rejects_an_address_in_both_forms() {
-        let e = reject(|f| orig(f).src = vec![10, 0, 0, 1]);
+        let e = reject(|f| orig(f).src = vec![10, 0, 0, 1].into());
         assert_eq!(
             e,
             WireError::AddressTwice {
@@ -1044,7 +1050,7 @@ mod tests {
              batch.upserts[0].flow.key.orig.src_v4, expected one form"
         );
         // Even when the bytes are IPv6: no guessing which form the sender meant.
-        let e = reject(|f| f.reply.as_mut().unwrap().dst = vec![0; 16]);
+        let e = reject(|f| f.reply.as_mut().unwrap().dst = vec![0; 16].into());
         assert_eq!(e.field(), "batch.upserts[0].flow.reply.dst");
         assert!(matches!(e, WireError::AddressTwice { .. }));
     }
@@ -1088,7 +1094,7 @@ mod tests {
     fn rejects_mixed_families() {
         let e = reject(|f| {
             let t = orig(f);
-            t.dst = vec![0; 16];
+            t.dst = vec![0; 16].into();
             t.dst_v4 = None;
         });
         assert_eq!(
@@ -1169,8 +1175,8 @@ mod tests {
             }
         };
         let base = pb::Tuple {
-            src: vec![10, 0, 0, 1],
-            dst: vec![10, 0, 0, 2],
+            src: vec![10, 0, 0, 1].into(),
+            dst: vec![10, 0, 0, 2].into(),
             ..Default::default()
         };
         let e = reject(|f| {
@@ -1259,7 +1265,7 @@ mod tests {
     #[test]
     fn rejects_bad_labels() {
         for len in [1, 15, 17, 32] {
-            let e = reject(|f| f.labels = vec![0; len]);
+            let e = reject(|f| f.labels = vec![0; len].into());
             assert_eq!(
                 e,
                 WireError::LabelsLength {
@@ -1285,7 +1291,7 @@ mod tests {
         assert!(pb::Flow::from(&flow).labels.is_empty());
         // 16 zero bytes from another encoder mean no label as well.
         let mut pf = pb::Flow::from(&flow);
-        pf.labels = vec![0; 16];
+        pf.labels = vec![0; 16].into();
         assert_eq!(Flow::try_from(pf).unwrap().labels(), 0);
     }
 
