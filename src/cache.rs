@@ -16,6 +16,9 @@ use crate::slab::{Entry, KeyedSlab};
 #[derive(Debug, Default, Clone)]
 pub struct FlowTable {
     table: KeyedSlab<Flow>,
+    /// Heap bytes owned by the flows' boxed attributes, kept up to date on every change:
+    /// `syncctl status` must not walk a table of millions of flows (monitoring polls it).
+    boxed: usize,
 }
 
 impl FlowTable {
@@ -41,12 +44,17 @@ impl FlowTable {
 
     /// Inserts or replaces a flow; returns the previous one.
     pub fn insert(&mut self, flow: Flow) -> Option<Flow> {
-        self.table.insert(flow)
+        self.boxed += flow.heap_bytes();
+        let old = self.table.insert(flow);
+        self.boxed -= old.as_ref().map_or(0, Flow::heap_bytes);
+        old
     }
 
     /// Removes a flow.
     pub fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
-        self.table.remove(key)
+        let old = self.table.remove(key);
+        self.boxed -= old.as_ref().map_or(0, Flow::heap_bytes);
+        old
     }
 
     /// Merges a partial update into an existing flow, or inserts it when unknown.
@@ -57,9 +65,11 @@ impl FlowTable {
             Entry::Occupied(cur) => {
                 let before = cur.clone();
                 cur.merge(flow, present);
+                self.boxed = self.boxed - before.heap_bytes() + cur.heap_bytes();
                 !cur.same_state(&before)
             }
             Entry::Vacant(e) => {
+                self.boxed += flow.heap_bytes();
                 e.insert(flow.clone());
                 true
             }
@@ -74,6 +84,7 @@ impl FlowTable {
     /// Removes every flow.
     pub fn clear(&mut self) {
         self.table.clear();
+        self.boxed = 0;
     }
 
     /// Makes room for `additional` more flows, so that loading a dump does not rehash.
@@ -83,8 +94,7 @@ impl FlowTable {
 
     /// Bytes of heap the table uses (value chunks and index, plus boxed attributes).
     pub fn heap_bytes(&self) -> usize {
-        let boxed: usize = self.table.iter().map(boxed_bytes).sum();
-        self.table.heap_bytes() + boxed
+        self.table.heap_bytes() + self.boxed
     }
 }
 
@@ -331,6 +341,27 @@ mod tests {
             present: Present::ALL,
             kernel_id: None,
         }
+    }
+
+    #[test]
+    fn heap_accounting_follows_every_change() {
+        let recount =
+            |t: &FlowTable| t.table.heap_bytes() + t.iter().map(Flow::heap_bytes).sum::<usize>();
+        let mut t = FlowTable::new();
+        let mut labelled = flow(1);
+        labelled.set_labels(5);
+        labelled.set_helper(Some("ftp".into()));
+        t.insert(labelled.clone());
+        t.insert(flow(2));
+        assert_eq!(t.heap_bytes(), recount(&t));
+        t.insert(flow(1)); // replaces the labelled flow: its box is gone
+        assert_eq!(t.heap_bytes(), recount(&t));
+        t.merge(&labelled, Present::ALL);
+        assert_eq!(t.heap_bytes(), recount(&t));
+        t.remove(&labelled.key);
+        assert_eq!(t.heap_bytes(), recount(&t));
+        t.clear();
+        assert_eq!(t.heap_bytes(), recount(&t));
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON report to this file (the table still goes to stdout).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
     /// Skip the 10%-loss replication.
     #[arg(long)]
     no_loss: bool,
@@ -218,6 +221,10 @@ fn run(args: &Args) -> Result<()> {
         let _ = std::fs::remove_dir_all(&base);
     }
     report.finish();
+    if let Some(path) = &args.json_out {
+        let text = serde_json::to_string_pretty(&report.json())?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
