@@ -102,6 +102,16 @@ pub enum WireError {
         /// Length received.
         len: usize,
     },
+    /// A helper name the kernel cannot hold (`NF_CT_HELPER_NAME_LEN` is 16 with the NUL).
+    #[error(
+        "{field}: helper name of {len} bytes or with a NUL, the kernel allows {HELPER_NAME_MAX}"
+    )]
+    HelperName {
+        /// Path of the field.
+        field: String,
+        /// Length received.
+        len: usize,
+    },
     /// An enumeration value this version does not know.
     #[error("{field}: unknown value {value}")]
     UnknownEnum {
@@ -112,6 +122,9 @@ pub enum WireError {
     },
 }
 
+/// Longest helper name the kernel accepts, without its terminating NUL.
+pub const HELPER_NAME_MAX: usize = 15;
+
 impl WireError {
     /// Puts `prefix` in front of the field path (errors bubble up from the innermost field).
     fn within(mut self, prefix: impl fmt::Display) -> Self {
@@ -120,6 +133,7 @@ impl WireError {
             WireError::Missing { field }
             | WireError::AddressLength { field, .. }
             | WireError::AddressTwice { field }
+            | WireError::HelperName { field, .. }
             | WireError::AddressMissing { field }
             | WireError::MixedFamily { field }
             | WireError::OutOfRange { field, .. }
@@ -143,6 +157,7 @@ impl WireError {
             WireError::Missing { field }
             | WireError::AddressLength { field, .. }
             | WireError::AddressTwice { field }
+            | WireError::HelperName { field, .. }
             | WireError::AddressMissing { field }
             | WireError::MixedFamily { field }
             | WireError::OutOfRange { field, .. }
@@ -629,6 +644,14 @@ impl TryFrom<pb::Flow> for Flow {
         flow.mark = f.mark;
         flow.set_labels(labels);
         flow.set_protoinfo(protoinfo);
+        if let Some(name) = &f.helper {
+            if name.len() > HELPER_NAME_MAX || name.contains('\0') {
+                return Err(WireError::HelperName {
+                    field: "helper".into(),
+                    len: name.len(),
+                });
+            }
+        }
         flow.set_helper(f.helper.map(String::into_boxed_str));
         flow.set_master(master);
         flow.set_seq_adj(seq_adj);
@@ -1270,6 +1293,21 @@ mod tests {
                 e,
                 WireError::LabelsLength {
                     field: "batch.upserts[0].flow.labels".into(),
+                    len
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_helper_names_the_kernel_cannot_hold() {
+        for name in ["x".repeat(16), "x".repeat(70_000), "ft\0p".into()] {
+            let len = name.len();
+            let e = reject(|f| f.helper = Some(name.clone()));
+            assert_eq!(
+                e,
+                WireError::HelperName {
+                    field: "batch.upserts[0].flow.helper".into(),
                     len
                 }
             );
