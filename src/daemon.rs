@@ -138,6 +138,7 @@ fn spawn_event_reader(
     std::thread::Builder::new()
         .name("ctsync-events".into())
         .spawn(move || {
+            let mut last_wake = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 let mut batch = Vec::with_capacity(EVENT_BATCH);
                 let msg = match source.next_batch(&mut batch, EVENT_BATCH) {
@@ -145,15 +146,35 @@ fn spawn_event_reader(
                     Ok(()) => EventMsg::Batch(batch),
                     Err(e) => EventMsg::Failed(e.to_string()),
                 };
-                let failed = matches!(msg, EventMsg::Failed(_));
+                let (small, failed) = match &msg {
+                    EventMsg::Batch(b) => (b.len() < EVENT_BATCH, false),
+                    EventMsg::Failed(_) => (false, true),
+                };
                 if tx.blocking_send(msg).is_err() || failed {
                     return;
                 }
+                coalesce(&mut last_wake, small);
             }
         })
         .map(drop)
         .map_err(DaemonError::Thread)
 }
+
+/// Events arriving in a steady stream faster than one per [`COALESCE`] would wake this thread
+/// for each one or two of them: a context switch per event, paid by whatever creates flows
+/// (measured: a third of the CPU of a 250k commit on 2 cores). Then wait that long before
+/// reading again, so that they are taken in batches. Isolated events are read at once.
+fn coalesce(last_wake: &mut Instant, small_batch: bool) {
+    let now = Instant::now();
+    let busy = now.duration_since(*last_wake) < COALESCE;
+    *last_wake = now;
+    if small_batch && busy {
+        std::thread::sleep(COALESCE);
+    }
+}
+
+/// See [`coalesce`]: at most this much latency added, and only under a steady stream.
+const COALESCE: Duration = Duration::from_micros(200);
 
 fn spawn_dumper(
     sock: CtSocket,
