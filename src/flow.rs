@@ -819,6 +819,20 @@ mod labels_hex {
     }
 }
 
+/// A UDP key from 10.0.0.1:`port` to 10.0.0.2:53: the key the table tests share.
+#[cfg(test)]
+pub(crate) fn test_key(port: u16) -> FlowKey {
+    FlowKey {
+        zone: Zone::default(),
+        orig: Tuple {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto: proto::UDP,
+            l4: L4::Ports { src: port, dst: 53 },
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -383,21 +383,9 @@ impl<'a, T: Keyed, const CHUNK: usize> VacantEntry<'a, T, CHUNK> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::{proto, Tuple, Zone, L4};
+    use crate::flow::{test_key as key, L4};
     use proptest::prelude::*;
     use std::collections::HashMap;
-
-    fn key(port: u16) -> FlowKey {
-        FlowKey {
-            zone: Zone::default(),
-            orig: Tuple {
-                src: "10.0.0.1".parse().unwrap(),
-                dst: "10.0.0.2".parse().unwrap(),
-                proto: proto::UDP,
-                l4: L4::Ports { src: port, dst: 53 },
-            },
-        }
-    }
 
     #[derive(Debug, Clone, PartialEq)]
     struct Item {

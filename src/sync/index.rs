@@ -260,19 +260,7 @@ impl ChangeIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::{proto, Tuple, Zone, L4};
-
-    fn key(port: u16) -> FlowKey {
-        FlowKey {
-            zone: Zone::default(),
-            orig: Tuple {
-                src: "10.0.0.1".parse().unwrap(),
-                dst: "10.0.0.2".parse().unwrap(),
-                proto: proto::UDP,
-                l4: L4::Ports { src: port, dst: 53 },
-            },
-        }
-    }
+    use crate::flow::test_key as key;
 
     #[test]
     fn a_key_lives_at_its_latest_version_only() {
