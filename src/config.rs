@@ -258,7 +258,8 @@ pub struct KernelConfig {
     /// Receive buffer of the event socket, in bytes (set with `SO_RCVBUFFORCE`).
     #[serde(default = "default_event_buffer")]
     pub event_buffer_bytes: usize,
-    /// Sockets (and threads) used for batched writes to the kernel.
+    /// Sockets (and threads) used for batched writes to the kernel. One by default: creations
+    /// are serialised under the kernel's ctnetlink lock, and a second writer spins on it.
     #[serde(default = "default_write_sockets")]
     pub write_sockets: usize,
 }
@@ -277,7 +278,7 @@ fn default_event_buffer() -> usize {
 }
 
 fn default_write_sockets() -> usize {
-    2
+    1
 }
 
 impl Config {
@@ -399,7 +400,7 @@ mod tests {
         let cfg = parse("node_id = \"fw1\"").unwrap();
         assert_eq!(cfg.control.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(cfg.kernel.event_buffer_bytes, DEFAULT_EVENT_BUFFER);
-        assert_eq!(cfg.kernel.write_sockets, 2);
+        assert_eq!(cfg.kernel.write_sockets, 1);
         assert_eq!(cfg.process.scheduler, SchedPolicy::Rr);
         assert_eq!(cfg.process.priority, 1);
     }

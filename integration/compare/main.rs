@@ -21,6 +21,8 @@
 //!
 //! Figures go to stdout (a table, or JSON with `--json`); progress to stderr. Namespaces are
 //! `ctsb-<pid>-<n>` and removed on every path, daemons are our children and stopped by pid.
+//! To profile a phase, run under `perf record -a -k CLOCK_MONOTONIC` with
+//! `CTSYNC_COMPARE_MARKS=1`: the phase boundaries are printed for `perf report --time`.
 
 #[path = "../bench/flows.rs"]
 #[allow(dead_code)]
@@ -500,6 +502,7 @@ struct CpuPhases {
 
 impl CpuPhases {
     fn new(a: &Daemon, b: &Daemon) -> CpuPhases {
+        mark("start");
         CpuPhases {
             last: a.usage().cpu_secs + b.usage().cpu_secs,
         }
@@ -516,10 +519,12 @@ impl CpuPhases {
         };
         s.set(metric, now - self.last);
         self.last = now;
+        mark(name);
     }
 
     /// Leaves out what happened since the last phase (the benchmark's own checks).
     fn skip(&mut self, a: &Daemon, b: &Daemon) {
+        mark("skip");
         self.last = a.usage().cpu_secs + b.usage().cpu_secs;
     }
 }
@@ -681,4 +686,20 @@ fn raw_write_once(flows: &[Flow], listener: bool) -> Result<f64> {
         t.outcome.errors
     );
     Ok(t.secs())
+}
+
+/// With `CTSYNC_COMPARE_MARKS` set, prints each phase boundary on stderr as CLOCK_MONOTONIC
+/// seconds, the clock of `perf record -k CLOCK_MONOTONIC`: a profile of a whole run can then
+/// be cut by phase with `perf report --time START,END`.
+fn mark(name: &str) {
+    if std::env::var_os("CTSYNC_COMPARE_MARKS").is_none() {
+        return;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    eprintln!("phase-mark {name} {}.{:09}", ts.tv_sec, ts.tv_nsec);
 }
