@@ -9,6 +9,9 @@
 //! - the state task (tokio): sole owner of the [`Mirror`]; applies events and dumps, answers
 //!   control requests. No locks around the cache.
 //! - the control server (tokio): accepts `syncctl` connections.
+//! - kernel writes (commits, injection) run on tokio's blocking pool.
+//!
+//! The tokio tasks share one thread (`ctsyncd` uses a current-thread runtime): see its `main`.
 
 use crate::cache::{Mirror, MirrorAction};
 use crate::config::Config;

@@ -46,8 +46,12 @@ fn run() -> anyhow::Result<()> {
              [process] scheduler = \"other\"); running with the default scheduler"
         ),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the state task, the peers' streams and the control socket: they hand each
+    // other every message, and across threads each hand-off is a wake-up and a context switch.
+    // Measured on 250k flows: 3.9 -> 3.5 CPU seconds for the whole comparison scenario, and a
+    // control request 130 -> 80 µs. Event intake, dumps and kernel writes keep threads of their
+    // own (they block in system calls), so they still use the other cores.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
