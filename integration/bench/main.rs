@@ -20,6 +20,7 @@
 
 mod flows;
 mod lab;
+#[allow(dead_code)] // Some helpers serve only ctsync-compare.
 mod rawnl;
 
 use anyhow::{bail, ensure, Context, Result};

@@ -172,72 +172,145 @@ impl RawNl {
     }
 }
 
+/// `recvmmsg` buffers: `batch` datagrams of up to 16 KiB per call.
+struct Mmsg {
+    bufs: Vec<Vec<u8>>,
+    /// Kept alive: the headers point into it.
+    _iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl Mmsg {
+    const DGRAM: usize = 16 * 1024;
+
+    fn new(batch: usize) -> Mmsg {
+        let mut bufs = vec![vec![0u8; Self::DGRAM]; batch.max(1)];
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let hdrs = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: mmsghdr is plain data; all-zero is a valid value.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_iov = iov;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        Mmsg {
+            bufs,
+            _iovs: iovs,
+            hdrs,
+        }
+    }
+
+    /// One `recvmmsg` (one `recv` for a batch of 1) with `flags`; returns the conntrack
+    /// messages received.
+    fn recv(&mut self, sock: &RawNl, flags: libc::c_int) -> io::Result<u64> {
+        let fd = sock.fd.as_raw_fd();
+        let count = |b: &[u8]| {
+            nlmsgs(b)
+                .filter(|m| m.ty == attr::MSG_CT_NEW || m.ty == attr::MSG_CT_DELETE)
+                .count() as u64
+        };
+        if self.bufs.len() == 1 {
+            let buf = &mut self.bufs[0];
+            // SAFETY: the buffer is valid for writes of its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(count(&buf[..n as usize]));
+        }
+        // SAFETY: every header points to its own live iovec and buffer.
+        let r = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as libc::c_uint,
+                flags,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(self
+            .hdrs
+            .iter()
+            .zip(&self.bufs)
+            .take(r as usize)
+            .map(|(h, b)| count(&b[..h.msg_len as usize]))
+            .sum())
+    }
+}
+
 /// Reads a queued backlog until the socket is empty, counting conntrack messages without
 /// decoding them: one `recv` per datagram (`batch` 1), or `recvmmsg` of `batch` datagrams.
 /// Returns the messages and the overruns seen.
 pub fn raw_drain(sock: &RawNl, batch: usize) -> io::Result<(u64, u64)> {
-    const DGRAM: usize = 16 * 1024;
-    let batch = batch.max(1);
-    let mut bufs = vec![vec![0u8; DGRAM]; batch];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let mut hdrs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is plain data; all-zero is a valid value.
-            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
-            h
-        })
-        .collect();
-    let count = |b: &[u8]| {
-        nlmsgs(b)
-            .filter(|m| m.ty == attr::MSG_CT_NEW || m.ty == attr::MSG_CT_DELETE)
-            .count() as u64
-    };
-    let fd = sock.fd.as_raw_fd();
+    let mut m = Mmsg::new(batch);
     let (mut msgs, mut overruns) = (0u64, 0u64);
     loop {
-        let rc = if batch == 1 {
-            // SAFETY: the buffer is valid for writes of DGRAM bytes.
-            let n =
-                unsafe { libc::recv(fd, bufs[0].as_mut_ptr().cast(), DGRAM, libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                msgs += count(&bufs[0][..n as usize]);
-            }
-            n as isize
-        } else {
-            // SAFETY: every header points to its own live iovec and buffer.
-            let r = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    hdrs.as_mut_ptr(),
-                    batch as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                )
-            };
-            for (h, b) in hdrs.iter().zip(&bufs).take(r.max(0) as usize) {
-                msgs += count(&b[..h.msg_len as usize]);
-            }
-            r as isize
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
+        match m.recv(sock, libc::MSG_DONTWAIT) {
+            Ok(n) => msgs += n,
+            Err(e) => match e.raw_os_error() {
                 Some(libc::ENOBUFS) => overruns += 1,
                 Some(libc::EINTR) => {}
                 Some(libc::EAGAIN) => return Ok((msgs, overruns)),
                 _ => return Err(e),
-            }
+            },
         }
     }
+}
+
+/// What a [`raw_listen`] received, and the CPU its thread spent on it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Listened {
+    pub msgs: u64,
+    pub overruns: u64,
+    pub cpu: Duration,
+}
+
+/// Receives events as a daemon's event reader would (blocking `recvmmsg` of 32 datagrams,
+/// woken by the first), counting them without decoding, until `target` messages are in or
+/// nothing arrives for `quiet`. The socket needs a receive timeout shorter than `quiet`.
+pub fn raw_listen(sock: &RawNl, target: u64, quiet: Duration) -> io::Result<Listened> {
+    let mut m = Mmsg::new(32);
+    let cpu0 = thread_cpu();
+    let mut out = Listened::default();
+    let mut last = Instant::now();
+    while out.msgs < target && last.elapsed() < quiet {
+        match m.recv(sock, libc::MSG_WAITFORONE) {
+            Ok(n) => {
+                out.msgs += n;
+                last = Instant::now();
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::ENOBUFS) => out.overruns += 1,
+                Some(libc::EINTR | libc::EAGAIN) => {}
+                _ => return Err(e),
+            },
+        }
+    }
+    out.cpu = thread_cpu().saturating_sub(cpu0);
+    Ok(out)
+}
+
+/// CPU time (user and system) of the calling thread.
+pub fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// One netlink message of a received datagram.

@@ -176,6 +176,7 @@ fn run(args: &Args) -> Result<()> {
     for run in 0..args.runs {
         for &n in &args.flows {
             let sample = raw_commit(&all[..n])?;
+            let floor = sample.get("kernel_cpu_floor_s");
             report.add("raw", n, sample);
             for &kind in &kinds {
                 eprintln!(
@@ -184,8 +185,11 @@ fn run(args: &Args) -> Result<()> {
                     args.runs,
                     kind.name()
                 );
-                let s = scenario(kind, &all[..n], &base, args)
+                let mut s = scenario(kind, &all[..n], &base, args)
                     .with_context(|| format!("{} with {n} flows", kind.name()))?;
+                if let (Some(cpu), Some(floor)) = (s.get("cpu_s"), floor) {
+                    s.set("cpu_above_floor_s", cpu - floor);
+                }
                 report.add(kind.name(), n, s);
             }
         }
@@ -649,7 +653,61 @@ fn raw_commit(flows: &[Flow]) -> Result<Sample> {
     let mut s = Sample::default();
     s.set("raw_commit_s", raw_write_once(flows, false)?);
     s.set("raw_commit_listened_s", raw_write_once(flows, true)?);
+    kernel_cpu_floor(flows, &mut s)?;
     Ok(s)
+}
+
+/// The kernel's share of a scenario's CPU, which no daemon can avoid, measured with raw
+/// sockets in an empty namespace: one batched writer (one socket; creations are serialised
+/// under the ctnetlink lock, a second one would only spin) creates the N flows while a
+/// listener receives their N events without decoding them, then deletes them while the
+/// listener receives N more. The kernel charges each side's work to its thread.
+///
+/// A daemon pair pays in a scenario: B's writer and B's listener for the commit (B hears its
+/// own creations, as both daemons must, to keep their internal cache), A's listener for the
+/// creations (replication) and for the deletions (delete burst). Sending flows between the
+/// nodes (TCP or UDP) is not counted: the floor is the kernel table's work only.
+fn kernel_cpu_floor(flows: &[Flow], s: &mut Sample) -> Result<()> {
+    let ns = Netns::create()?;
+    let listener = ns.run(|| rawnl::RawNl::listener(512 << 20))??;
+    listener.set_recv_timeout(Duration::from_millis(50))?;
+    let writer = ns.run(rawnl::RawNl::writer)??;
+    let n = flows.len() as u64;
+    let creates = rawnl::build_batches(flows, 0, rawnl::raw_create);
+    let deletes = rawnl::build_batches(flows, n as u32, rawnl::raw_delete);
+    let phase = |batches: &rawnl::Batches| -> Result<(f64, rawnl::Listened)> {
+        std::thread::scope(|sc| {
+            let heard = sc.spawn(|| rawnl::raw_listen(&listener, n, Duration::from_secs(2)));
+            let cpu0 = rawnl::thread_cpu();
+            let sent = rawnl::send_batches(&writer, batches);
+            let cpu = (rawnl::thread_cpu() - cpu0).as_secs_f64();
+            let heard = heard
+                .join()
+                .map_err(|_| anyhow::anyhow!("raw listener panicked"))??;
+            let sent = sent?;
+            ensure!(sent.errors == 0, "raw writer: {} errors", sent.errors);
+            if heard.msgs < n {
+                eprintln!(
+                    "warning: raw listener heard {} of {n} events ({} overruns): the CPU floor \
+                     is understated",
+                    heard.msgs, heard.overruns
+                );
+            }
+            Ok((cpu, heard))
+        })
+    };
+    let (create_cpu, create_heard) = phase(&creates)?;
+    let (_, delete_heard) = phase(&deletes)?;
+    let listen_create = create_heard.cpu.as_secs_f64();
+    let listen_delete = delete_heard.cpu.as_secs_f64();
+    s.set("floor_create_writer_cpu_s", create_cpu);
+    s.set("floor_create_events_cpu_s", listen_create);
+    s.set("floor_delete_events_cpu_s", listen_delete);
+    s.set(
+        "kernel_cpu_floor_s",
+        create_cpu + 2.0 * listen_create + listen_delete,
+    );
+    Ok(())
 }
 
 fn raw_write_once(flows: &[Flow], listener: bool) -> Result<f64> {

@@ -12,6 +12,10 @@ impl Sample {
     pub fn set(&mut self, metric: &'static str, value: f64) {
         self.0.insert(metric, value);
     }
+
+    pub fn get(&self, metric: &str) -> Option<f64> {
+        self.0.get(metric).copied()
+    }
 }
 
 /// Metric, unit, label, in display order.
@@ -58,6 +62,31 @@ const METRICS: &[(&str, &str, &str)] = &[
     ),
     ("delete_completeness", "", "delete completeness"),
     ("cpu_s", "s", "CPU seconds, both nodes, whole scenario"),
+    (
+        "kernel_cpu_floor_s",
+        "s",
+        "kernel's CPU floor of the scenario (raw sockets)",
+    ),
+    (
+        "floor_create_writer_cpu_s",
+        "s",
+        "  of which: N creations by a raw writer",
+    ),
+    (
+        "floor_create_events_cpu_s",
+        "s",
+        "  of which: N creation events received (paid twice)",
+    ),
+    (
+        "floor_delete_events_cpu_s",
+        "s",
+        "  of which: N deletion events received",
+    ),
+    (
+        "cpu_above_floor_s",
+        "s",
+        "CPU seconds above the kernel's floor",
+    ),
     (
         "cpu_replication_s",
         "s",
@@ -236,6 +265,14 @@ impl Report {
         ));
         for &n in self.meta.flows.iter() {
             v.push(self.ratio("CPU seconds ≤ 0.5× conntrackd", n, "cpu_s", 0.5));
+            // Not a target of the issue: the same ratio once the kernel's unavoidable share,
+            // paid alike by both daemons, is taken out of both.
+            v.push(self.ratio(
+                "(CPU seconds above the kernel's floor ≤ 0.5× conntrackd)",
+                n,
+                "cpu_above_floor_s",
+                0.5,
+            ));
         }
         v.push(self.ratio(
             "peak RSS per flow, A ≤ 0.5× conntrackd",
