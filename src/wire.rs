@@ -32,6 +32,12 @@ pub mod pb {
 
 use pb::peer_message::Body;
 
+mod frame;
+
+pub use frame::{
+    decode_message, encode_message, encoded_len, FrameError, ProtobufError, SizedMessage,
+};
+
 /// Why a peer's message was rejected.
 ///
 /// `field` is the path of the offending field inside the message, e.g.
@@ -298,7 +304,7 @@ impl TryFrom<pb::PeerMessage> for Message {
                 have_epoch: h.have_epoch,
                 have_seq: h.have_seq,
             }),
-            Body::Batch(b) => Message::Batch(decode_batch(b).within("batch")?),
+            Body::Batch(b) => Message::Batch(decode_batch(b)?),
             Body::Ack(a) => Message::Ack {
                 epoch: a.epoch,
                 seq: a.seq,
@@ -325,18 +331,14 @@ impl TryFrom<pb::PeerMessage> for Message {
 
 fn decode_batch(b: pb::Batch) -> Result<Batch, WireError> {
     let mut upserts = Vec::with_capacity(b.upserts.len());
-    for (i, u) in b.upserts.into_iter().enumerate() {
-        let flow = require(u.flow, "flow")
-            .and_then(|f| Flow::try_from(f).within("flow"))
-            .within(format_args!("upserts[{i}]"))?;
-        upserts.push((u.version, flow));
+    for (i, u) in b.upserts.iter().enumerate() {
+        let flow = u.flow.as_ref().map(FlowFields::from);
+        upserts.push((u.version, upsert_from_fields(i, flow.as_ref())?));
     }
     let mut deletes = Vec::with_capacity(b.deletes.len());
-    for (i, d) in b.deletes.into_iter().enumerate() {
-        let key = require(d.key, "key")
-            .and_then(|k| FlowKey::try_from(k).within("key"))
-            .within(format_args!("deletes[{i}]"))?;
-        deletes.push((d.version, key));
+    for (i, d) in b.deletes.iter().enumerate() {
+        let key = d.key.as_ref().map(KeyFields::from);
+        deletes.push((d.version, delete_from_fields(i, key.as_ref())?));
     }
     Ok(Batch {
         epoch: b.epoch,
@@ -344,6 +346,173 @@ fn decode_batch(b: pb::Batch) -> Result<Batch, WireError> {
         upserts,
         deletes,
     })
+}
+
+/// Validates the flow of the `i`th upsert of a batch; errors carry the whole path
+/// (`batch.upserts[i].flow…`). Shared with [`frame`]'s decoder so that both reject alike.
+pub(crate) fn upsert_from_fields(
+    i: usize,
+    flow: Option<&FlowFields<'_>>,
+) -> Result<Flow, WireError> {
+    require(flow, "flow")
+        .and_then(|f| flow_from_fields(f).within("flow"))
+        .within(format_args!("batch.upserts[{i}]"))
+}
+
+/// Validates the key of the `i`th delete of a batch, as [`upsert_from_fields`] does a flow.
+pub(crate) fn delete_from_fields(
+    i: usize,
+    key: Option<&KeyFields<'_>>,
+) -> Result<FlowKey, WireError> {
+    require(key, "key")
+        .and_then(|k| key_from_fields(k).within("key"))
+        .within(format_args!("batch.deletes[{i}]"))
+}
+
+// ---- Field views ----
+//
+// Validation works on these borrowed views of the wire fields rather than on the `pb` types, so
+// that prost's messages (the reference path) and the hand-written decoder in [`frame`] (which
+// never builds a `pb` message) go through the very same checks and produce the same errors.
+
+/// A `Tuple` as it is on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TupleFields<'a> {
+    pub src: &'a [u8],
+    pub dst: &'a [u8],
+    pub proto: u32,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub icmp_id: u32,
+    pub icmp_type: u32,
+    pub icmp_code: u32,
+    pub src_v4: Option<u32>,
+    pub dst_v4: Option<u32>,
+}
+
+/// A `FlowKey` as it is on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct KeyFields<'a> {
+    pub zone: u32,
+    pub zone_dir: i32,
+    pub orig: Option<TupleFields<'a>>,
+}
+
+/// The `protoinfo` oneof of a `Flow` as it is on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProtoinfoFields {
+    Tcp {
+        state: u32,
+        wscale_orig: u32,
+        wscale_reply: u32,
+        flags_orig: u32,
+        flags_reply: u32,
+    },
+    Sctp {
+        state: u32,
+        vtag_orig: u32,
+        vtag_reply: u32,
+    },
+    Dccp {
+        state: u32,
+        role: u32,
+        handshake_seq: u64,
+    },
+}
+
+/// A `SeqAdj` as it is on the wire (its directions need no check beyond presence).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SeqAdjFields {
+    pub orig: Option<SeqAdjDir>,
+    pub reply: Option<SeqAdjDir>,
+}
+
+/// A `Flow` as it is on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FlowFields<'a> {
+    pub key: Option<KeyFields<'a>>,
+    pub reply: Option<TupleFields<'a>>,
+    pub status: u32,
+    pub timeout: u32,
+    pub mark: u32,
+    pub labels: &'a [u8],
+    pub protoinfo: Option<ProtoinfoFields>,
+    pub helper: Option<&'a str>,
+    pub master: Option<TupleFields<'a>>,
+    pub seq_adj: Option<SeqAdjFields>,
+    /// Needs no check: every value fits.
+    pub synproxy: Option<Synproxy>,
+}
+
+impl<'a> From<&'a pb::Tuple> for TupleFields<'a> {
+    fn from(t: &'a pb::Tuple) -> Self {
+        TupleFields {
+            src: &t.src,
+            dst: &t.dst,
+            proto: t.proto,
+            src_port: t.src_port,
+            dst_port: t.dst_port,
+            icmp_id: t.icmp_id,
+            icmp_type: t.icmp_type,
+            icmp_code: t.icmp_code,
+            src_v4: t.src_v4,
+            dst_v4: t.dst_v4,
+        }
+    }
+}
+
+impl<'a> From<&'a pb::FlowKey> for KeyFields<'a> {
+    fn from(k: &'a pb::FlowKey) -> Self {
+        KeyFields {
+            zone: k.zone,
+            zone_dir: k.zone_dir,
+            orig: k.orig.as_ref().map(TupleFields::from),
+        }
+    }
+}
+
+impl<'a> From<&'a pb::Flow> for FlowFields<'a> {
+    fn from(f: &'a pb::Flow) -> Self {
+        use pb::flow::Protoinfo;
+        FlowFields {
+            key: f.key.as_ref().map(KeyFields::from),
+            reply: f.reply.as_ref().map(TupleFields::from),
+            status: f.status,
+            timeout: f.timeout,
+            mark: f.mark,
+            labels: &f.labels,
+            protoinfo: f.protoinfo.as_ref().map(|p| match *p {
+                Protoinfo::Tcp(t) => ProtoinfoFields::Tcp {
+                    state: t.state,
+                    wscale_orig: t.wscale_orig,
+                    wscale_reply: t.wscale_reply,
+                    flags_orig: t.flags_orig,
+                    flags_reply: t.flags_reply,
+                },
+                Protoinfo::Sctp(s) => ProtoinfoFields::Sctp {
+                    state: s.state,
+                    vtag_orig: s.vtag_orig,
+                    vtag_reply: s.vtag_reply,
+                },
+                Protoinfo::Dccp(d) => ProtoinfoFields::Dccp {
+                    state: d.state,
+                    role: d.role,
+                    handshake_seq: d.handshake_seq,
+                },
+            }),
+            helper: f.helper.as_deref(),
+            master: f.master.as_ref().map(TupleFields::from),
+            seq_adj: f.seq_adj.map(|s| SeqAdjFields {
+                orig: s.orig.map(decode_seq_adj_dir),
+                reply: s.reply.map(decode_seq_adj_dir),
+            }),
+            synproxy: f.synproxy.map(|s| Synproxy {
+                isn: s.isn,
+                its: s.its,
+                tsoff: s.tsoff,
+            }),
+        }
+    }
 }
 
 // ---- Tuples ----
@@ -419,58 +588,62 @@ impl TryFrom<pb::Tuple> for Tuple {
     type Error = WireError;
 
     fn try_from(t: pb::Tuple) -> Result<Self, WireError> {
-        let src = decode_addr(&t.src, t.src_v4, "src")?;
-        let dst = decode_addr(&t.dst, t.dst_v4, "dst")?;
-        if src.is_ipv4() != dst.is_ipv4() {
-            return Err(WireError::MixedFamily {
-                field: String::new(),
-            });
-        }
-        let p: u8 = narrow(t.proto, "proto")?;
-        let unused = |field: &str, value: u32, what: &'static str| {
-            if value == 0 {
-                Ok(())
-            } else {
-                Err(WireError::UnusedL4 {
-                    field: field.to_string(),
-                    proto: p,
-                    what,
-                })
-            }
-        };
-        const PORTS: &str = "ports";
-        const ICMP: &str = "ICMP id, type and code";
-        let l4 = if proto::has_ports(p) {
-            unused("icmp_id", t.icmp_id, ICMP)?;
-            unused("icmp_type", t.icmp_type, ICMP)?;
-            unused("icmp_code", t.icmp_code, ICMP)?;
-            L4::Ports {
-                src: narrow(t.src_port, "src_port")?,
-                dst: narrow(t.dst_port, "dst_port")?,
-            }
-        } else if proto::is_icmp(p) {
-            unused("src_port", t.src_port, PORTS)?;
-            unused("dst_port", t.dst_port, PORTS)?;
-            L4::Icmp {
-                id: narrow(t.icmp_id, "icmp_id")?,
-                kind: narrow(t.icmp_type, "icmp_type")?,
-                code: narrow(t.icmp_code, "icmp_code")?,
-            }
-        } else {
-            unused("src_port", t.src_port, PORTS)?;
-            unused("dst_port", t.dst_port, PORTS)?;
-            unused("icmp_id", t.icmp_id, ICMP)?;
-            unused("icmp_type", t.icmp_type, ICMP)?;
-            unused("icmp_code", t.icmp_code, ICMP)?;
-            L4::None
-        };
-        Ok(Tuple {
-            src,
-            dst,
-            proto: p,
-            l4,
-        })
+        tuple_from_fields(&TupleFields::from(&t))
     }
+}
+
+fn tuple_from_fields(t: &TupleFields<'_>) -> Result<Tuple, WireError> {
+    let src = decode_addr(t.src, t.src_v4, "src")?;
+    let dst = decode_addr(t.dst, t.dst_v4, "dst")?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(WireError::MixedFamily {
+            field: String::new(),
+        });
+    }
+    let p: u8 = narrow(t.proto, "proto")?;
+    let unused = |field: &str, value: u32, what: &'static str| {
+        if value == 0 {
+            Ok(())
+        } else {
+            Err(WireError::UnusedL4 {
+                field: field.to_string(),
+                proto: p,
+                what,
+            })
+        }
+    };
+    const PORTS: &str = "ports";
+    const ICMP: &str = "ICMP id, type and code";
+    let l4 = if proto::has_ports(p) {
+        unused("icmp_id", t.icmp_id, ICMP)?;
+        unused("icmp_type", t.icmp_type, ICMP)?;
+        unused("icmp_code", t.icmp_code, ICMP)?;
+        L4::Ports {
+            src: narrow(t.src_port, "src_port")?,
+            dst: narrow(t.dst_port, "dst_port")?,
+        }
+    } else if proto::is_icmp(p) {
+        unused("src_port", t.src_port, PORTS)?;
+        unused("dst_port", t.dst_port, PORTS)?;
+        L4::Icmp {
+            id: narrow(t.icmp_id, "icmp_id")?,
+            kind: narrow(t.icmp_type, "icmp_type")?,
+            code: narrow(t.icmp_code, "icmp_code")?,
+        }
+    } else {
+        unused("src_port", t.src_port, PORTS)?;
+        unused("dst_port", t.dst_port, PORTS)?;
+        unused("icmp_id", t.icmp_id, ICMP)?;
+        unused("icmp_type", t.icmp_type, ICMP)?;
+        unused("icmp_code", t.icmp_code, ICMP)?;
+        L4::None
+    };
+    Ok(Tuple {
+        src,
+        dst,
+        proto: p,
+        l4,
+    })
 }
 
 // ---- Keys ----
@@ -493,25 +666,29 @@ impl TryFrom<pb::FlowKey> for FlowKey {
     type Error = WireError;
 
     fn try_from(k: pb::FlowKey) -> Result<Self, WireError> {
-        let dir = match pb::ZoneDir::try_from(k.zone_dir) {
-            Ok(pb::ZoneDir::Both) => ZoneDir::Both,
-            Ok(pb::ZoneDir::Original) => ZoneDir::Original,
-            Ok(pb::ZoneDir::Reply) => ZoneDir::Reply,
-            Err(_) => {
-                return Err(WireError::UnknownEnum {
-                    field: "zone_dir".into(),
-                    value: k.zone_dir,
-                })
-            }
-        };
-        Ok(FlowKey {
-            zone: Zone {
-                id: narrow(k.zone, "zone")?,
-                dir,
-            },
-            orig: require(k.orig, "orig")?.try_into().within("orig")?,
-        })
+        key_from_fields(&KeyFields::from(&k))
     }
+}
+
+fn key_from_fields(k: &KeyFields<'_>) -> Result<FlowKey, WireError> {
+    let dir = match pb::ZoneDir::try_from(k.zone_dir) {
+        Ok(pb::ZoneDir::Both) => ZoneDir::Both,
+        Ok(pb::ZoneDir::Original) => ZoneDir::Original,
+        Ok(pb::ZoneDir::Reply) => ZoneDir::Reply,
+        Err(_) => {
+            return Err(WireError::UnknownEnum {
+                field: "zone_dir".into(),
+                value: k.zone_dir,
+            })
+        }
+    };
+    Ok(FlowKey {
+        zone: Zone {
+            id: narrow(k.zone, "zone")?,
+            dir,
+        },
+        orig: tuple_from_fields(&require(k.orig, "orig")?).within("orig")?,
+    })
 }
 
 // ---- Flows ----
@@ -594,74 +771,92 @@ impl TryFrom<pb::Flow> for Flow {
     type Error = WireError;
 
     fn try_from(f: pb::Flow) -> Result<Self, WireError> {
-        use pb::flow::Protoinfo;
-        let key: FlowKey = require(f.key, "key")?.try_into().within("key")?;
-        let reply = require(f.reply, "reply")?.try_into().within("reply")?;
-        let labels = if f.labels.is_empty() {
-            0
-        } else {
-            let bytes =
-                <[u8; 16]>::try_from(&f.labels[..]).map_err(|_| WireError::LabelsLength {
-                    field: "labels".into(),
-                    len: f.labels.len(),
-                })?;
-            u128::from_be_bytes(bytes)
-        };
-        let protoinfo = match f.protoinfo {
-            None => ProtoInfo::None,
-            Some(Protoinfo::Tcp(t)) => ProtoInfo::Tcp(TcpInfo {
-                state: narrow(t.state, "state").within("tcp")?,
-                wscale_orig: narrow(t.wscale_orig, "wscale_orig").within("tcp")?,
-                wscale_reply: narrow(t.wscale_reply, "wscale_reply").within("tcp")?,
-                flags_orig: narrow(t.flags_orig, "flags_orig").within("tcp")?,
-                flags_reply: narrow(t.flags_reply, "flags_reply").within("tcp")?,
-            }),
-            Some(Protoinfo::Sctp(s)) => ProtoInfo::Sctp {
-                state: narrow(s.state, "state").within("sctp")?,
-                vtag_orig: s.vtag_orig,
-                vtag_reply: s.vtag_reply,
-            },
-            Some(Protoinfo::Dccp(d)) => ProtoInfo::Dccp {
-                state: narrow(d.state, "state").within("dccp")?,
-                role: narrow(d.role, "role").within("dccp")?,
-                handshake_seq: d.handshake_seq,
-            },
-        };
-        let master = match f.master {
-            None => None,
-            Some(t) => Some(Tuple::try_from(t).within("master")?),
-        };
-        let seq_adj = match f.seq_adj {
-            None => None,
-            Some(s) => Some(SeqAdj {
-                orig: decode_seq_adj_dir(require(s.orig, "orig").within("seq_adj")?),
-                reply: decode_seq_adj_dir(require(s.reply, "reply").within("seq_adj")?),
-            }),
-        };
-        let mut flow = Flow::new(key.zone, key.orig, reply);
-        flow.status = f.status;
-        flow.timeout = f.timeout;
-        flow.mark = f.mark;
-        flow.set_labels(labels);
-        flow.set_protoinfo(protoinfo);
-        if let Some(name) = &f.helper {
-            if name.len() > HELPER_NAME_MAX || name.contains('\0') {
-                return Err(WireError::HelperName {
-                    field: "helper".into(),
-                    len: name.len(),
-                });
-            }
-        }
-        flow.set_helper(f.helper.map(String::into_boxed_str));
-        flow.set_master(master);
-        flow.set_seq_adj(seq_adj);
-        flow.set_synproxy(f.synproxy.map(|s| Synproxy {
-            isn: s.isn,
-            its: s.its,
-            tsoff: s.tsoff,
-        }));
-        Ok(flow)
+        flow_from_fields(&FlowFields::from(&f))
     }
+}
+
+fn flow_from_fields(f: &FlowFields<'_>) -> Result<Flow, WireError> {
+    let key = key_from_fields(&require(f.key, "key")?).within("key")?;
+    let reply = tuple_from_fields(&require(f.reply, "reply")?).within("reply")?;
+    let labels = if f.labels.is_empty() {
+        0
+    } else {
+        let bytes = <[u8; 16]>::try_from(f.labels).map_err(|_| WireError::LabelsLength {
+            field: "labels".into(),
+            len: f.labels.len(),
+        })?;
+        u128::from_be_bytes(bytes)
+    };
+    let protoinfo = match f.protoinfo {
+        None => ProtoInfo::None,
+        Some(p) => protoinfo_from_fields(p)?,
+    };
+    let master = match &f.master {
+        None => None,
+        Some(t) => Some(tuple_from_fields(t).within("master")?),
+    };
+    let seq_adj = match f.seq_adj {
+        None => None,
+        Some(s) => Some(SeqAdj {
+            orig: require(s.orig, "orig").within("seq_adj")?,
+            reply: require(s.reply, "reply").within("seq_adj")?,
+        }),
+    };
+    let mut flow = Flow::new(key.zone, key.orig, reply);
+    flow.status = f.status;
+    flow.timeout = f.timeout;
+    flow.mark = f.mark;
+    flow.set_labels(labels);
+    flow.set_protoinfo(protoinfo);
+    if let Some(name) = f.helper {
+        if name.len() > HELPER_NAME_MAX || name.contains('\0') {
+            return Err(WireError::HelperName {
+                field: "helper".into(),
+                len: name.len(),
+            });
+        }
+    }
+    flow.set_helper(f.helper.map(Box::from));
+    flow.set_master(master);
+    flow.set_seq_adj(seq_adj);
+    flow.set_synproxy(f.synproxy);
+    Ok(flow)
+}
+
+fn protoinfo_from_fields(p: ProtoinfoFields) -> Result<ProtoInfo, WireError> {
+    Ok(match p {
+        ProtoinfoFields::Tcp {
+            state,
+            wscale_orig,
+            wscale_reply,
+            flags_orig,
+            flags_reply,
+        } => ProtoInfo::Tcp(TcpInfo {
+            state: narrow(state, "state").within("tcp")?,
+            wscale_orig: narrow(wscale_orig, "wscale_orig").within("tcp")?,
+            wscale_reply: narrow(wscale_reply, "wscale_reply").within("tcp")?,
+            flags_orig: narrow(flags_orig, "flags_orig").within("tcp")?,
+            flags_reply: narrow(flags_reply, "flags_reply").within("tcp")?,
+        }),
+        ProtoinfoFields::Sctp {
+            state,
+            vtag_orig,
+            vtag_reply,
+        } => ProtoInfo::Sctp {
+            state: narrow(state, "state").within("sctp")?,
+            vtag_orig,
+            vtag_reply,
+        },
+        ProtoinfoFields::Dccp {
+            state,
+            role,
+            handshake_seq,
+        } => ProtoInfo::Dccp {
+            state: narrow(state, "state").within("dccp")?,
+            role: narrow(role, "role").within("dccp")?,
+            handshake_seq,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -808,7 +1003,7 @@ mod tests {
         )
     }
 
-    fn arb_message() -> impl Strategy<Value = Message> {
+    pub(crate) fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
             (
                 any::<(u32, u32)>(),
