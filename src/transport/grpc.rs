@@ -46,10 +46,8 @@
 //! (see [`crate::pki`]), whose DNS name is the node id. Without, the traffic is unauthenticated
 //! and unencrypted and the transport says so in a warning at start.
 
+use super::codec::{self, Inbound, SyncHandler, SyncServer};
 use crate::sync::Message;
-use crate::wire::pb::peer_sync_client::PeerSyncClient;
-use crate::wire::pb::peer_sync_server::{PeerSync, PeerSyncServer};
-use crate::wire::{self, pb};
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -385,7 +383,7 @@ impl Shared {
         &self,
         peer: &str,
         conn: u64,
-        mut inbound: Streaming<pb::PeerMessage>,
+        mut inbound: Streaming<Inbound>,
         kill_rx: &mut oneshot::Receiver<String>,
         expect_hello: bool,
         hello_seen: &mut bool,
@@ -398,14 +396,11 @@ impl Shared {
                 _ = shutdown.wait_for(|s| *s) => return End::Shutdown,
                 m = inbound.message() => m,
             };
-            let pm = match next {
-                Ok(Some(pm)) => pm,
+            let msg = match next {
+                Ok(Some(Ok(m))) => m,
                 Ok(None) => return End::Reason("stream closed by the peer".into()),
                 Err(s) => return End::Reason(format!("stream failed: {}", status_text(&s))),
-            };
-            let msg = match wire::decode(pm) {
-                Ok(m) => m,
-                Err(e) => {
+                Ok(Some(Err(e))) => {
                     warn!(peer, conn, error = %e, "invalid message from peer; dropping the connection");
                     return End::Reason(format!("invalid message from the peer: {e}"));
                 }
@@ -437,19 +432,17 @@ impl Shared {
 }
 
 /// A connection's outgoing messages: the engine's `Hello` first, then everything after it.
-fn outbound(rx: mpsc::Receiver<Message>, peer: String) -> impl Stream<Item = pb::PeerMessage> {
-    ReceiverStream::new(rx)
-        .skip_while(move |m| {
-            let stale = !matches!(m, Message::Hello(_));
-            if stale {
-                debug!(
-                    peer,
-                    "dropping a message queued before the connection's Hello"
-                );
-            }
-            stale
-        })
-        .map(|m| wire::encode(&m))
+fn outbound(rx: mpsc::Receiver<Message>, peer: String) -> impl Stream<Item = Message> {
+    ReceiverStream::new(rx).skip_while(move |m| {
+        let stale = !matches!(m, Message::Hello(_));
+        if stale {
+            debug!(
+                peer,
+                "dropping a message queued before the connection's Hello"
+            );
+        }
+        stale
+    })
 }
 
 /// Whether the leaf of `certs` is valid for the DNS name `node_id`.
@@ -469,15 +462,14 @@ struct PeerService {
     shared: Arc<Shared>,
 }
 
-type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::PeerMessage, Status>> + Send>>;
+type SyncStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl PeerSync for PeerService {
-    type SyncStream = SyncStream;
+impl SyncHandler for PeerService {
+    type Stream = SyncStream;
 
     async fn sync(
         &self,
-        request: Request<Streaming<pb::PeerMessage>>,
+        request: Request<Streaming<Inbound>>,
     ) -> Result<Response<SyncStream>, Status> {
         let shared = &self.shared;
         let remote = request
@@ -503,7 +495,7 @@ impl PeerSync for PeerService {
             Ok(Ok(None)) => return refuse(Status::cancelled("stream closed before its Hello")),
             Ok(Ok(Some(m))) => m,
         };
-        let hello = match wire::decode(first) {
+        let hello = match first {
             Ok(Message::Hello(h)) => h,
             Ok(_) => {
                 return refuse(Status::failed_precondition(
@@ -640,9 +632,6 @@ async fn dial_loop(
 
 /// Runs one dialed connection. `None`: shutting down; `Some(hello_seen)` otherwise.
 async fn run_dialed(shared: &Shared, peer: &str, channel: Channel) -> Option<bool> {
-    let mut client = PeerSyncClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (task, waits) = shared.register(peer);
     let ConnTask {
         id,
@@ -662,7 +651,7 @@ async fn run_dialed(shared: &Shared, peer: &str, channel: Channel) -> Option<boo
     {
         let mut shutdown = shared.shutdown.clone();
         let response = tokio::select! {
-            r = client.sync(outbound(out_rx, peer.to_string())) => Ok(r),
+            r = codec::open_sync(channel, outbound(out_rx, peer.to_string()), MAX_MESSAGE_BYTES) => Ok(r),
             r = &mut kill_rx => Err(End::Reason(r.unwrap_or_else(|_| "dropped".into()))),
             _ = shutdown.wait_for(|s| *s) => Err(End::Shutdown),
         };
@@ -820,11 +809,12 @@ pub async fn start(
         shutdown: shutdown_rx.clone(),
     });
 
-    let svc = PeerSyncServer::new(PeerService {
-        shared: Arc::clone(&shared),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let svc = SyncServer::new(
+        PeerService {
+            shared: Arc::clone(&shared),
+        },
+        MAX_MESSAGE_BYTES,
+    );
     let mut stop = shutdown_rx;
     let mut tasks = vec![tokio::spawn(async move {
         let signal = async move {
@@ -942,6 +932,8 @@ mod tests {
     use super::*;
     use crate::pki::{self, TempDir};
     use crate::sync::{Batch, Hello};
+    use crate::wire::pb::peer_sync_client::PeerSyncClient;
+    use crate::wire::{self, pb};
     use tokio::sync::mpsc::Receiver;
 
     const WAIT: Duration = Duration::from_secs(10);
