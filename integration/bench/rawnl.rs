@@ -277,11 +277,14 @@ pub struct Listened {
     pub cpu: Duration,
 }
 
-/// Receives events as a daemon's event reader would (blocking `recvmmsg` of 32 datagrams,
-/// woken by the first), counting them without decoding, until `target` messages are in or
-/// nothing arrives for `quiet`. The socket needs a receive timeout shorter than `quiet`.
+/// Receives events as cheaply as a daemon could, counting them without decoding, until
+/// `target` messages are in or nothing arrives for `quiet`: blocking `recvmmsg` of 32 datagrams
+/// (woken by the first), and once the queue is drained a pause of 1 ms so that the next read
+/// takes many (a wake-up per event would cost the writer and the reader more than the events
+/// themselves). The socket needs a receive timeout shorter than `quiet`.
 pub fn raw_listen(sock: &RawNl, target: u64, quiet: Duration) -> io::Result<Listened> {
-    let mut m = Mmsg::new(32);
+    const SLOTS: usize = 32;
+    let mut m = Mmsg::new(SLOTS);
     let cpu0 = thread_cpu();
     let mut out = Listened::default();
     let mut last = Instant::now();
@@ -290,6 +293,9 @@ pub fn raw_listen(sock: &RawNl, target: u64, quiet: Duration) -> io::Result<List
             Ok(n) => {
                 out.msgs += n;
                 last = Instant::now();
+                if n < SLOTS as u64 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
             Err(e) => match e.raw_os_error() {
                 Some(libc::ENOBUFS) => out.overruns += 1,
