@@ -137,11 +137,36 @@ struct CommitPlan {
     kind: JobKind,
     /// Keys still to write, masters first.
     keys: Vec<FlowKey>,
+    /// Keys before this one are prepared.
     next: usize,
+    /// The next chunk, prepared while the previous one is written.
+    ready: Option<Vec<Flow>>,
     /// Flows written so far (keys that left the cache meanwhile are not counted).
     flows: usize,
     report: WriteReport,
     started: Instant,
+}
+
+impl CommitPlan {
+    /// Shapes the next chunk of flows, unless one is already waiting or none is left.
+    fn prepare_next(&mut self, external: &ExternalCache, now: Duration, opts: &CommitOptions) {
+        if self.ready.is_some() || self.next >= self.keys.len() {
+            return;
+        }
+        let end = (self.next + COMMIT_CHUNK).min(self.keys.len());
+        self.ready = Some(commit::prepare_keys(
+            external,
+            &self.keys[self.next..end],
+            now,
+            opts,
+        ));
+        self.next = end;
+    }
+
+    /// Whether chunks remain to be written.
+    fn unfinished(&self) -> bool {
+        self.ready.is_some() || self.next < self.keys.len()
+    }
 }
 
 /// Failover state owned by the daemon's state task.
@@ -224,6 +249,7 @@ impl Failover {
             kind,
             keys: commit::commit_order(external),
             next: 0,
+            ready: None,
             flows: 0,
             report: WriteReport::default(),
             started: Instant::now(),
@@ -232,21 +258,27 @@ impl Failover {
         true
     }
 
-    /// Writes the next chunk of a commit in progress, if the writer is free. Call whenever the
-    /// state task is woken (the daemon does after every event).
+    /// Writes the next chunk of a commit in progress, if the writer is free, and prepares the
+    /// one after it meanwhile: the kernel write is the commit's bottleneck, so the writer should
+    /// never wait for the state task to shape flows. Call whenever the state task is woken (the
+    /// daemon does after every event).
     pub fn resume_commit(&mut self, external: &ExternalCache, now: Duration) {
         let Some(plan) = &mut self.plan else {
             return;
         };
+        plan.prepare_next(external, now, &self.opts);
         if self.writer.is_none() {
             return;
         }
-        let end = (plan.next + COMMIT_CHUNK).min(plan.keys.len());
-        let flows = commit::prepare_keys(external, &plan.keys[plan.next..end], now, &self.opts);
-        plan.next = end;
+        let Some(flows) = plan.ready.take() else {
+            return;
+        };
         plan.flows += flows.len();
         let kind = plan.kind;
         self.spawn(kind, flows, Vec::new());
+        if let Some(plan) = &mut self.plan {
+            plan.prepare_next(external, now, &self.opts);
+        }
     }
 
     /// Becomes backup: a purge of flows we no longer own is scheduled (a promotion cancels it).
@@ -401,7 +433,7 @@ impl Failover {
             }
             Err(e) => Some(e),
         };
-        if error.is_none() && plan.next < plan.keys.len() {
+        if error.is_none() && plan.unfinished() {
             return None;
         }
         let plan = self.plan.take()?;
