@@ -934,7 +934,10 @@ mod tests {
     use crate::sync::{Batch, Hello};
     use crate::wire::pb::peer_sync_client::PeerSyncClient;
     use crate::wire::{self, pb};
+    use prost::bytes::{Buf, BufMut, Bytes};
     use tokio::sync::mpsc::Receiver;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::codegen::http::uri::PathAndQuery;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -1511,5 +1514,242 @@ mod tests {
         cfg.listen = n.t.local_addr();
         let e = start(cfg, tx).await.unwrap_err();
         assert!(matches!(e, TransportError::Bind { .. }), "{e}");
+    }
+
+    // ---- Foreign peers: raw bytes, the generated prost client and server ----
+
+    /// Passes bytes through untouched, so that a test can put on the wire what no codec of ours
+    /// would ever produce.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Bytes;
+        type Decode = Bytes;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+
+        fn encoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+
+        fn decoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Bytes;
+        type Error = Status;
+
+        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = Bytes;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+
+    async fn plain_channel(addr: SocketAddr) -> Channel {
+        Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Opens a stream on `path` whose messages are raw bytes: `first`, then what is sent on the
+    /// returned sender. (`first` goes before the call, which waits for the response headers: our
+    /// server sends them only once the Hello is in.)
+    async fn raw_bytes_call(
+        addr: SocketAddr,
+        path: &'static str,
+        first: Bytes,
+    ) -> (mpsc::Sender<Bytes>, Result<Streaming<Bytes>, Status>) {
+        let mut grpc = tonic::client::Grpc::new(plain_channel(addr).await);
+        grpc.ready().await.unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(first).await.unwrap();
+        let r = grpc
+            .streaming(
+                Request::new(ReceiverStream::new(rx)),
+                PathAndQuery::from_static(path),
+                RawCodec,
+            )
+            .await
+            .map(Response::into_inner);
+        (tx, r)
+    }
+
+    fn encoded(msg: &Message) -> Bytes {
+        let mut buf = Vec::new();
+        wire::encode_message(msg, &mut buf);
+        buf.into()
+    }
+
+    #[tokio::test]
+    async fn malformed_protobuf_drops_the_connection_and_the_server_keeps_serving() {
+        let mut b = node(config("b", &[("a", "x:1".into())], None)).await;
+        let addr = b.t.local_addr();
+        let cases: [(&[u8], &str); 2] = [
+            // Field 2 (batch), length-delimited, whose length varint never ends.
+            (&[0x12, 0x80], "invalid varint"),
+            // Field 1 (hello) as a varint instead of a submessage.
+            (&[0x08, 0x01], "field 1: wire type 0, expected 2"),
+        ];
+        let mut last = 0;
+        for (bytes, what) in cases {
+            let (tx, inbound) = raw_bytes_call(addr, codec::SYNC_PATH, encoded(&hello("a"))).await;
+            let _inbound = inbound.unwrap();
+            let conn = expect_connected(&mut b.rx, "a").await;
+            assert!(conn > last);
+            last = conn;
+            assert_eq!(expect_message(&mut b.rx, "a", conn).await, hello("a"));
+            tx.send(Bytes::from_static(bytes)).await.unwrap();
+            let reason = expect_disconnected(&mut b.rx, "a", conn).await;
+            assert_eq!(
+                reason,
+                format!("stream failed: Internal: failed to decode Protobuf message: {what}")
+            );
+        }
+        // A malformed first message is refused before it could be a Hello.
+        let (_tx, inbound) =
+            raw_bytes_call(addr, codec::SYNC_PATH, Bytes::from_static(&[0x12, 0x80])).await;
+        let status = match inbound {
+            Err(s) => s,
+            Ok(mut s) => s.message().await.unwrap_err(),
+        };
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "failed to decode Protobuf message: invalid varint"
+        );
+        quiet(&mut b.rx, Duration::from_millis(200)).await;
+        // The server still serves well-behaved peers.
+        let (_tx, _inbound) = raw_stream(addr, None, wire::encode(&hello("a")))
+            .await
+            .unwrap();
+        let conn = expect_connected(&mut b.rx, "a").await;
+        assert!(conn > last);
+        assert_eq!(expect_message(&mut b.rx, "a", conn).await, hello("a"));
+    }
+
+    #[tokio::test]
+    async fn well_formed_but_invalid_message_is_reported_with_its_field() {
+        let mut b = node(config("b", &[("a", "x:1".into())], None)).await;
+        let (tx, _inbound) = raw_stream(b.t.local_addr(), None, wire::encode(&hello("a")))
+            .await
+            .unwrap();
+        let conn = expect_connected(&mut b.rx, "a").await;
+        expect_message(&mut b.rx, "a", conn).await;
+        let mut msg = wire::encode(&batch(1));
+        let Some(pb::peer_message::Body::Batch(ref mut bt)) = msg.body else {
+            unreachable!("batch() is a Batch");
+        };
+        let orig = bt.upserts[0].flow.as_mut().unwrap().key.as_mut().unwrap();
+        let orig = orig.orig.as_mut().unwrap();
+        orig.src_v4 = None;
+        orig.src = Bytes::from_static(&[10, 0, 0]);
+        tx.send(msg).await.unwrap();
+        assert_eq!(
+            expect_disconnected(&mut b.rx, "a", conn).await,
+            "invalid message from the peer: batch.upserts[0].flow.key.orig.src: address of 3 \
+             bytes, expected 4 (IPv4) or 16 (IPv6)"
+        );
+    }
+
+    /// A message whose encoding is exactly `len` bytes (from a few dozen up), to probe the limit
+    /// to the byte: a `ResyncRequest`, whose free-form reason is the only field of any size that
+    /// validation lets through.
+    fn message_of(len: usize) -> Message {
+        let mut reason = "x".repeat(len.saturating_sub(16));
+        while wire::encoded_len(&Message::ResyncRequest {
+            reason: reason.clone(),
+        }) < len
+        {
+            reason.push('x');
+        }
+        let msg = Message::ResyncRequest { reason };
+        assert_eq!(wire::encoded_len(&msg), len);
+        msg
+    }
+
+    #[tokio::test]
+    async fn oversized_message_from_a_foreign_peer_is_refused() {
+        let mut b = node(config("b", &[("a", "x:1".into())], None)).await;
+        let channel = plain_channel(b.t.local_addr()).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(wire::encode(&hello("a"))).await.unwrap();
+        let _inbound = PeerSyncClient::new(channel)
+            .max_encoding_message_size(usize::MAX)
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap();
+        let conn = expect_connected(&mut b.rx, "a").await;
+        expect_message(&mut b.rx, "a", conn).await;
+        // The limit itself is allowed.
+        let at_limit = message_of(MAX_MESSAGE_BYTES);
+        tx.send(wire::encode(&at_limit)).await.unwrap();
+        assert_eq!(expect_message(&mut b.rx, "a", conn).await, at_limit);
+        tx.send(wire::encode(&message_of(MAX_MESSAGE_BYTES + 1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            expect_disconnected(&mut b.rx, "a", conn).await,
+            format!(
+                "stream failed: OutOfRange: Error, decoded message length too large: found {} \
+                 bytes, the limit is: {MAX_MESSAGE_BYTES} bytes",
+                MAX_MESSAGE_BYTES + 1
+            )
+        );
+    }
+
+    /// The engine keeps its messages far below the limit (512 flows a batch); should one go over
+    /// anyway, `send` still queues it (sizing every message there would cost what the codec
+    /// saves), and tonic refuses to put it on the wire, which ends the connection on both sides.
+    #[tokio::test]
+    async fn oversized_message_of_ours_drops_the_connection() {
+        let (mut a, mut b) = pair(None).await;
+        let conns = handshake(&mut a, &mut b).await;
+        exchange(&mut a, &mut b, conns).await;
+        // The limit itself goes through, both ways.
+        let at_limit = message_of(MAX_MESSAGE_BYTES);
+        a.t.send("b", at_limit.clone()).unwrap();
+        assert_eq!(expect_message(&mut b.rx, "a", conns.1).await, at_limit);
+        b.t.send("a", at_limit.clone()).unwrap();
+        assert_eq!(expect_message(&mut a.rx, "b", conns.0).await, at_limit);
+
+        // From the dialing side. hyper drops tonic's "too large" error of a request body and
+        // resets the stream, so neither reason says why.
+        a.t.send("b", message_of(MAX_MESSAGE_BYTES + 1)).unwrap();
+        let ra = expect_disconnected(&mut a.rx, "b", conns.0).await;
+        let rb = expect_disconnected(&mut b.rx, "a", conns.1).await;
+        assert!(ra.starts_with("stream failed: "), "{ra}");
+        assert!(rb.starts_with("stream failed: "), "{rb}");
+
+        // From the accepting side: the error goes to the dialer in the trailers.
+        let (ca, cb) = handshake(&mut a, &mut b).await;
+        b.t.send("a", message_of(MAX_MESSAGE_BYTES + 1)).unwrap();
+        let ra = expect_disconnected(&mut a.rx, "b", ca).await;
+        expect_disconnected(&mut b.rx, "a", cb).await;
+        assert!(
+            ra.starts_with("stream failed: OutOfRange: ")
+                && ra.contains(&format!(
+                    "found {} bytes, the limit is: {MAX_MESSAGE_BYTES} bytes",
+                    MAX_MESSAGE_BYTES + 1
+                )),
+            "{ra}"
+        );
+
+        // Both sides carry on.
+        let conns = handshake(&mut a, &mut b).await;
+        exchange(&mut a, &mut b, conns).await;
     }
 }
