@@ -1752,4 +1752,279 @@ mod tests {
         let conns = handshake(&mut a, &mut b).await;
         exchange(&mut a, &mut b, conns).await;
     }
+
+    #[tokio::test]
+    async fn other_methods_are_unimplemented() {
+        let b = node(config("b", &[("a", "x:1".into())], None)).await;
+        let generated = prost_server().await.0;
+        for addr in [b.t.local_addr(), generated] {
+            for path in [
+                "/ctsync.v1.PeerSync/Other",
+                "/ctsync.v1.Other/Sync",
+                "/grpc.health.v1.Health/Check",
+            ] {
+                let mut grpc = tonic::client::Grpc::new(plain_channel(addr).await);
+                grpc.ready().await.unwrap();
+                let status = grpc
+                    .unary(
+                        Request::new(Bytes::new()),
+                        PathAndQuery::from_static(path),
+                        RawCodec,
+                    )
+                    .await
+                    .unwrap_err();
+                assert_eq!(
+                    status.code(),
+                    tonic::Code::Unimplemented,
+                    "{path}: {status:?}"
+                );
+            }
+        }
+    }
+
+    /// A batch that between its flows uses every part of the model: both address families, NAT
+    /// (replies that are not the inverse of the original), each protocol state, zones, and the
+    /// rare attributes (labels, helper, master, sequence adjustment, SYN proxy).
+    fn rich_batch(seq: u64) -> Message {
+        use crate::flow::{
+            proto, Flow, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple, Zone, ZoneDir, L4,
+        };
+        use std::net::IpAddr;
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for i in 0..240u16 {
+            let v6 = i % 2 == 1;
+            let (src, dst): (IpAddr, IpAddr) = if v6 {
+                (
+                    format!("2001:db8::{i:x}").parse().unwrap(),
+                    "2001:db8:1::1".parse().unwrap(),
+                )
+            } else {
+                (
+                    [10, 0, (i >> 8) as u8, i as u8].into(),
+                    [192, 0, 2, 1].into(),
+                )
+            };
+            let ports = L4::Ports {
+                src: 1024 + i,
+                dst: 443,
+            };
+            let (p, l4, info) = match i % 7 {
+                0 => (
+                    proto::TCP,
+                    ports,
+                    ProtoInfo::Tcp(TcpInfo {
+                        state: 3,
+                        wscale_orig: 7,
+                        wscale_reply: 8,
+                        flags_orig: 0x23,
+                        flags_reply: 0x33,
+                    }),
+                ),
+                1 => (proto::UDP, ports, ProtoInfo::None),
+                2 => (
+                    if v6 { proto::ICMPV6 } else { proto::ICMP },
+                    L4::Icmp {
+                        id: i,
+                        kind: if v6 { 128 } else { 8 },
+                        code: 0,
+                    },
+                    ProtoInfo::None,
+                ),
+                3 => (
+                    proto::SCTP,
+                    ports,
+                    ProtoInfo::Sctp {
+                        state: 3,
+                        vtag_orig: 0xdead_0000 | u32::from(i),
+                        vtag_reply: 0xbeef_0000 | u32::from(i),
+                    },
+                ),
+                4 => (
+                    proto::DCCP,
+                    ports,
+                    ProtoInfo::Dccp {
+                        state: 2,
+                        role: 1,
+                        handshake_seq: 1 << 40 | u64::from(i),
+                    },
+                ),
+                5 => (proto::GRE, ports, ProtoInfo::None),
+                _ => (50, L4::None, ProtoInfo::None), // ESP: addresses only
+            };
+            let orig = Tuple {
+                src,
+                dst,
+                proto: p,
+                l4,
+            };
+            let mut reply = orig.inverse();
+            if i % 3 == 0 {
+                // Source NAT: the reply comes back to the translated address and port.
+                reply.dst = if v6 {
+                    "2001:db8:ffff::7".parse().unwrap()
+                } else {
+                    [203, 0, 113, 7].into()
+                };
+                if let L4::Ports { dst, .. } = &mut reply.l4 {
+                    *dst = 30000 + i;
+                }
+            }
+            let dir = [ZoneDir::Both, ZoneDir::Original, ZoneDir::Reply][usize::from(i % 3)];
+            let mut f = Flow::new(Zone { id: i % 4, dir }, orig, reply);
+            f.status = 0x18e;
+            f.timeout = 120 + u32::from(i);
+            f.mark = u32::from(i) * 7;
+            f.set_protoinfo(info);
+            if i % 5 == 0 {
+                f.set_labels(1 << (i % 128) | 1);
+                f.set_helper(Some("ftp".into()));
+                f.set_master(Some(orig.inverse()));
+                let adj = SeqAdjDir {
+                    correction_pos: u32::from(i),
+                    offset_before: 1,
+                    offset_after: 2,
+                };
+                f.set_seq_adj(Some(SeqAdj {
+                    orig: adj,
+                    reply: adj,
+                }));
+                f.set_synproxy(Some(Synproxy {
+                    isn: 1,
+                    its: 2,
+                    tsoff: 3,
+                }));
+            }
+            if i % 11 == 0 {
+                deletes.push((u64::from(i), f.key));
+            } else {
+                upserts.push((1000 + u64::from(i), f));
+            }
+        }
+        let msg = Message::Batch(Batch {
+            epoch: 7,
+            seq,
+            upserts,
+            deletes,
+        });
+        assert_eq!(wire::decode(wire::encode(&msg)), Ok(msg.clone()));
+        msg
+    }
+
+    /// One message of each kind.
+    fn every_kind() -> Vec<Message> {
+        vec![
+            hello("a"),
+            rich_batch(1),
+            Message::Ack { epoch: 7, seq: 1 },
+            Message::ResyncRequest {
+                reason: "gap".into(),
+            },
+            Message::SnapshotBegin {
+                epoch: 7,
+                seq: 2,
+                id: 9,
+            },
+            rich_batch(3),
+            Message::SnapshotEnd {
+                epoch: 7,
+                seq: 4,
+                id: 9,
+                flows: 200,
+            },
+            Message::Heartbeat {
+                epoch: 7,
+                sent_unix_ms: 1_700_000_000_000,
+            },
+        ]
+    }
+
+    #[tokio::test]
+    async fn generated_client_interoperates_with_our_server() {
+        let mut b = node(config("b", &[("a", "x:1".into())], None)).await;
+        let (tx, mut inbound) = raw_stream(b.t.local_addr(), None, wire::encode(&hello("a")))
+            .await
+            .unwrap();
+        let conn = expect_connected(&mut b.rx, "a").await;
+        let sent = every_kind();
+        for m in &sent[1..] {
+            tx.send(wire::encode(m)).await.unwrap();
+        }
+        for m in &sent {
+            assert_eq!(&expect_message(&mut b.rx, "a", conn).await, m);
+        }
+        let mut answers = every_kind();
+        answers[0] = hello("b");
+        for m in &answers {
+            b.t.send("a", m.clone()).unwrap();
+        }
+        for m in answers {
+            let got = tokio::time::timeout(WAIT, inbound.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(wire::decode(got), Ok(m));
+        }
+    }
+
+    /// The generated server: echoes every message, and hands a copy to the test.
+    struct Echo(mpsc::UnboundedSender<pb::PeerMessage>);
+
+    #[tonic::async_trait]
+    impl pb::peer_sync_server::PeerSync for Echo {
+        type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::PeerMessage, Status>> + Send>>;
+
+        async fn sync(
+            &self,
+            request: Request<Streaming<pb::PeerMessage>>,
+        ) -> Result<Response<Self::SyncStream>, Status> {
+            let seen = self.0.clone();
+            let echo = request.into_inner().map(move |m| {
+                if let Ok(m) = &m {
+                    let _ = seen.send(m.clone());
+                }
+                m
+            });
+            Ok(Response::new(Box::pin(echo)))
+        }
+    }
+
+    /// Starts a generated `PeerSyncServer` (prost codec) on loopback.
+    async fn prost_server() -> (SocketAddr, mpsc::UnboundedReceiver<pb::PeerMessage>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let svc = pb::peer_sync_server::PeerSyncServer::new(Echo(tx));
+        tokio::spawn(Server::builder().serve_with_incoming(svc, TcpIncoming::from(listener)));
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn our_client_interoperates_with_the_generated_server() {
+        let (addr, mut seen) = prost_server().await;
+        let sent = every_kind();
+        let mut inbound = codec::open_sync(
+            plain_channel(addr).await,
+            tokio_stream::iter(sent.clone()),
+            MAX_MESSAGE_BYTES,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        for m in &sent {
+            let got = tokio::time::timeout(WAIT, seen.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&wire::decode(got), &Ok(m.clone()));
+            let echoed = tokio::time::timeout(WAIT, inbound.message())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(echoed, Some(Ok(m.clone())));
+        }
+        let end = tokio::time::timeout(WAIT, inbound.message()).await.unwrap();
+        assert!(matches!(end, Ok(None)), "{end:?}");
+    }
 }
