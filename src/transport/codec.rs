@@ -58,10 +58,24 @@ impl Encoder for SyncCodec {
     type Item = Message;
     type Error = Status;
 
-    /// Sizes tonic's buffer once for the whole message, then writes it. (tonic itself refuses a
-    /// message above the configured encoding limit once written.)
+    /// Sizes tonic's buffer once for the whole message, then writes it. A message over the
+    /// peers' limit is refused here, before any byte is written, and said so in our log: tonic
+    /// would refuse it too, but only after encoding, and the reason would reach our log as a
+    /// bare protocol error (or only the peer's log).
     fn encode(&mut self, item: Message, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         let sized = wire::SizedMessage::new(&item);
+        if sized.len() > super::grpc::MAX_MESSAGE_BYTES {
+            let limit = super::grpc::MAX_MESSAGE_BYTES;
+            tracing::error!(
+                bytes = sized.len(),
+                limit,
+                "refusing to send a message over the peers' size limit"
+            );
+            return Err(Status::out_of_range(format!(
+                "message of {} bytes to send, the limit is {limit} bytes",
+                sized.len()
+            )));
+        }
         dst.reserve(sized.len());
         sized.encode(dst);
         Ok(())
