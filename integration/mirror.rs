@@ -691,3 +691,91 @@ fn upsert_clears_labels() {
     compare::diff("written", &expected, "kernel", &kernel::dump(&ns), 5)
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// The event socket's kernel filter drops exactly the creation events of the writer's quiet
+/// sockets: creations through the other socket, updates, replacements and deletions of ours,
+/// and every event of someone else's writes still arrive, each told ours or not.
+#[test]
+fn quiet_creations_are_filtered_in_the_kernel_and_nothing_else() {
+    use ctsync::netlink::{CtEventKind, EventSource, KernelEvent, Origins};
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let origins = Origins::new();
+    let (mut events, mut w) = ns
+        .run_in({
+            let origins = origins.clone();
+            move || {
+                let (events, _) = EventSource::open(64 << 20, origins.clone())?;
+                let w = ctsync::netlink::Writer::open(1, &origins)?;
+                events.hide_own_creations(&w.quiet_portids())?;
+                Ok::<_, ctsync::netlink::KernelError>((events, w))
+            }
+        })
+        .unwrap_or_else(|e| panic!("cannot open: {e}"));
+    let mut other = kernel::writer(&ns, 1);
+    let all = flows::mixed(40);
+    let (fresh, rest) = all.split_at(10);
+    let (known, rest) = rest.split_at(10);
+    let (foreign, _) = rest.split_at(10);
+
+    let r = w.upsert_fresh(fresh, known).expect("upsert");
+    assert_report(&r, 20, 0);
+    assert_report(&other.upsert(foreign).expect("foreign upsert"), 10, 0);
+    // The fresh flows again, with a new mark: they exist, so the quiet creation fails and they
+    // are updated (or replaced, where the kernel refuses the update: NAT) through the other
+    // socket, whose events come through.
+    let marked: Vec<Flow> = fresh
+        .iter()
+        .map(|f| {
+            let mut m = f.clone();
+            m.mark = 77;
+            m
+        })
+        .collect();
+    let again = w.upsert_fresh(&marked, &[]).expect("update");
+    assert!(
+        again.created == 0 && again.updated + again.replaced == 10 && again.failures.is_empty(),
+        "{}",
+        kernel::describe(&again)
+    );
+    let (updated, replaced) = (again.updated as usize, again.replaced as usize);
+    let gone = w.delete(fresh).expect("delete");
+    assert_eq!(gone.deleted, 10, "{}", kernel::describe(&gone));
+
+    // 10 known and 10 foreign creations, the updates and replacements, 10 deletions.
+    let expected = 30 + updated + 2 * replaced;
+    let mut seen: Vec<(CtEventKind, bool, ctsync::flow::FlowKey)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < expected && Instant::now() < deadline {
+        let mut batch = Vec::new();
+        events.next_batch(&mut batch, 256).expect("events");
+        for ev in batch {
+            match ev {
+                KernelEvent::Flow { msg, own } => seen.push((msg.kind, own, msg.flow.key)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let count = |kind: CtEventKind, own: bool, set: &[Flow]| {
+        seen.iter()
+            .filter(|(k, o, key)| *k == kind && *o == own && set.iter().any(|f| f.key == *key))
+            .count()
+    };
+    // The quiet creations alone are missing; a replacement's creation is not quiet.
+    assert_eq!(count(CtEventKind::New, true, fresh), replaced, "{seen:?}");
+    assert_eq!(count(CtEventKind::New, true, known), 10, "{seen:?}");
+    assert_eq!(count(CtEventKind::New, false, foreign), 10, "{seen:?}");
+    assert_eq!(count(CtEventKind::Update, true, fresh), updated, "{seen:?}");
+    assert_eq!(
+        count(CtEventKind::Destroy, true, fresh),
+        replaced + 10,
+        "{seen:?}"
+    );
+    // Nothing more comes.
+    let mut late = Vec::new();
+    events.next_batch(&mut late, 256).expect("events");
+    assert!(late.is_empty(), "{late:?}");
+    assert_eq!(seen.len(), expected, "{seen:?}");
+}

@@ -639,6 +639,51 @@ fn replicates_100k_flows_updates_and_deletions() {
         committed.len(),
         a_keys.len()
     );
+
+    // B applied the flows it created to its internal cache itself (their events are dropped in
+    // the kernel): the cache must equal B's kernel all the same, and a reconciliation against
+    // the kernel must find nothing to repair.
+    let st = p.b.status().unwrap_or_else(|e| panic!("{e}"));
+    let own = &st["kernel"]["stats"];
+    // (Flows B's kernel held already, such as the sync link's own, were written the other way.)
+    let created = own["own_creations"].as_u64().unwrap_or(0);
+    assert!(
+        created > 0 && Some(created) <= held,
+        "{created} of {held:?}: {own}"
+    );
+    compare::diff(
+        "fwb's kernel",
+        &kernel_flows(&p.b_ns),
+        "fwb's internal cache",
+        &p.b.dump_internal()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .filter(|f| !is_link_flow(f))
+            .collect::<Vec<_>>(),
+        timeout_slack(since),
+    )
+    .unwrap_or_else(|e| panic!("fwb's internal cache differs from its kernel: {e}"));
+    let resyncs = own["resyncs"].as_u64().unwrap_or(0);
+    p.b.syncctl(&["resync"])
+        .unwrap_or_else(|e| panic!("syncctl resync: {e}"));
+    let st = wait_for(
+        "fwb's reconciliation after the commit",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || {
+            let st = p.b.status()?;
+            match st["kernel"]["stats"]["resyncs"].as_u64() {
+                Some(n) if n > resyncs => Ok(st),
+                _ => Err("not yet".to_string()),
+            }
+        },
+    );
+    assert_eq!(
+        st["kernel"]["stats"]["resync_repairs"].as_u64(),
+        Some(0),
+        "{}",
+        st["kernel"]["stats"]
+    );
 }
 
 /// Acceptance: B restarted with the same config becomes ready again and then holds all of A's

@@ -134,6 +134,10 @@ pub struct MirrorStats {
     pub events_destroy: u64,
     /// Events caused by our own writes.
     pub events_own: u64,
+    /// Flows we created and applied here directly, their events being dropped in the kernel
+    /// (see [`Mirror::own_creations`]).
+    #[serde(default)]
+    pub own_creations: u64,
     /// Overruns (`ENOBUFS`) signalled by the kernel.
     pub overruns: u64,
     /// Events that could not be decoded.
@@ -210,6 +214,53 @@ impl Mirror {
             }
         }
         change.filter(|_| !own)
+    }
+
+    /// We are about to create `flows` in the kernel. Those the mirror does not hold are applied
+    /// now, as their creation events would be, and returned first ("fresh"): the writer creates
+    /// them through its quiet sockets, whose creation events the kernel drops before they reach
+    /// the event socket. Those the mirror holds are returned second, to be written through the
+    /// other socket: their kernel entry may be changing, and only its events tell how.
+    ///
+    /// Applying before writing keeps the kernel's order: any later event for a fresh flow (its
+    /// first packet, its end) can only follow its creation, and lands on top of it. A creation
+    /// that then fails leaves a flow the kernel lacks: see [`Mirror::own_creations_failed`].
+    pub fn own_creations(&mut self, flows: Vec<Flow>) -> (Vec<Flow>, Vec<Flow>) {
+        let (mut fresh, mut known) = (Vec::with_capacity(flows.len()), Vec::new());
+        for flow in flows {
+            if self.table.get(&flow.key).is_some() {
+                known.push(flow);
+                continue;
+            }
+            self.table.insert(flow.clone());
+            if let Some(log) = &mut self.replay {
+                if log.len() < REPLAY_LIMIT {
+                    log.push(CtMessage {
+                        kind: CtEventKind::New,
+                        flow: flow.clone(),
+                        present: Present::ALL,
+                        kernel_id: None,
+                    });
+                } else {
+                    self.stats.replay_overflows += 1;
+                    self.dump_again = true;
+                }
+            }
+            fresh.push(flow);
+        }
+        self.stats.own_creations += fresh.len() as u64;
+        (fresh, known)
+    }
+
+    /// Some creations applied by [`Mirror::own_creations`] failed in the kernel (or the write
+    /// failed as a whole): re-read the table, without suspecting the rest of the mirror.
+    pub fn own_creations_failed(&mut self) -> MirrorAction {
+        if self.replay.is_some() {
+            // The running dump may have started before the failure: its replay holds the flows.
+            self.dump_again = true;
+            return MirrorAction::None;
+        }
+        self.refresh()
     }
 
     fn count(&mut self, msg: &CtMessage, own: bool) {
@@ -428,6 +479,67 @@ mod tests {
         assert_eq!(m.table().len(), 1);
         let change = m.event(msg(CtEventKind::Destroy, flow(7)), false);
         assert_eq!(change, Some(Change::Remove(flow(7).key)));
+    }
+
+    #[test]
+    fn own_creations_apply_new_flows_and_leave_known_ones_to_events() {
+        let mut m = Mirror::new();
+        m.start();
+        m.dump_complete(vec![flow(1)]);
+        let mut mine = flow(1);
+        mine.mark = 9;
+        let (fresh, known) = m.own_creations(vec![mine.clone(), flow(2)]);
+        assert_eq!(fresh, vec![flow(2)]);
+        assert_eq!(known, vec![mine]);
+        // The fresh flow is in; the known one keeps the kernel's state until its events come.
+        assert_eq!(m.table().get(&flow(2).key), Some(&flow(2)));
+        assert_eq!(m.table().get(&flow(1).key).map(|f| f.mark), Some(0));
+        assert_eq!(m.stats().own_creations, 1);
+        // A later event of the fresh flow lands on top of it, and is reported as ours or not.
+        let mut seen = flow(2);
+        seen.status = 8;
+        assert_eq!(
+            m.event(msg(CtEventKind::Update, seen.clone()), false),
+            Some(Change::Upsert(seen.key))
+        );
+        assert_eq!(m.table().get(&seen.key), Some(&seen));
+    }
+
+    #[test]
+    fn own_creations_during_a_dump_are_replayed_on_its_result() {
+        let mut m = Mirror::new();
+        m.start();
+        m.dump_complete(vec![]);
+        assert_eq!(m.refresh(), MirrorAction::StartDump);
+        let (fresh, _) = m.own_creations(vec![flow(3)]);
+        assert_eq!(fresh.len(), 1);
+        // The dump ran before the creation: the replay puts it back.
+        let (changes, action) = m.dump_complete(vec![]);
+        assert_eq!(action, MirrorAction::None);
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(m.table().get(&flow(3).key), Some(&flow(3)));
+    }
+
+    #[test]
+    fn failed_own_creations_reread_the_kernel() {
+        let mut m = Mirror::new();
+        m.start();
+        m.dump_complete(vec![]);
+        m.own_creations(vec![flow(4)]);
+        assert_eq!(m.own_creations_failed(), MirrorAction::StartDump);
+        assert!(
+            m.is_synced(),
+            "a refresh, not a suspicion of the whole mirror"
+        );
+        // The kernel has no such flow: the dump removes it.
+        let (changes, _) = m.dump_complete(vec![]);
+        assert_eq!(changes, vec![Change::Remove(flow(4).key)]);
+        assert!(m.table().is_empty());
+        // While a dump runs, the failure makes it run again.
+        assert_eq!(m.refresh(), MirrorAction::StartDump);
+        m.own_creations(vec![flow(5)]);
+        assert_eq!(m.own_creations_failed(), MirrorAction::None);
+        assert_eq!(m.dump_complete(vec![]).1, MirrorAction::StartDump);
     }
 
     #[test]

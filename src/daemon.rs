@@ -88,10 +88,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             "kernel granted a smaller event buffer than configured (no CAP_NET_ADMIN?)"
         );
     }
+    let writer = Writer::open(cfg.kernel.write_sockets, &origins)?;
+    events.hide_own_creations(&writer.quiet_portids())?;
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     spawn_event_reader(events, event_tx, stop.clone())?;
     let (dump_req, dump_rx) = spawn_dumper(CtSocket::open().map_err(KernelError::from)?)?;
-    let writer = Writer::open(cfg.kernel.write_sockets, &origins)?;
     let (failover, jobs_rx) = Failover::new(&cfg.failover, writer);
 
     let listener = control::bind(&cfg.control.socket).map_err(|source| DaemonError::Control {
@@ -319,14 +320,15 @@ impl State<'_> {
             }
             if let Some(r) = &mut self.repl {
                 if self.failover.purge_at().is_some() {
-                    self.failover
-                        .purge_if_due(self.mirror.table(), r.external());
+                    self.failover.purge_if_due(&mut self.mirror, r.external());
                 }
                 r.pump(self.mirror.table());
-                self.failover.resume_commit(r.external(), r.now());
+                self.failover
+                    .resume_commit(r.external(), r.now(), &mut self.mirror);
                 if self.failover.continuous() {
                     self.failover.queue_injection(r.take_external_changes());
-                    self.failover.inject_pending(r.external(), r.now());
+                    self.failover
+                        .inject_pending(r.external(), r.now(), &mut self.mirror);
                 }
             }
         };
@@ -466,13 +468,21 @@ impl State<'_> {
         let Some(r) = &self.repl else {
             return Err("replication is not configured ([sync] section): nothing to commit".into());
         };
-        if !self.failover.commit(r.external(), r.now(), kind) {
+        if !self
+            .failover
+            .commit(r.external(), r.now(), kind, &mut self.mirror)
+        {
             return Err("another kernel write is running; try again".into());
         }
         Ok(())
     }
 
     fn job_done(&mut self, done: JobDone) {
+        if done.mirror_unsure() {
+            tracing::info!("some kernel writes failed; re-reading the kernel table");
+            let action = self.mirror.own_creations_failed();
+            self.act(action);
+        }
         let summary = match self.failover.job_done(done) {
             AfterJob::Nothing => return,
             AfterJob::Committed(s) => s,

@@ -5,6 +5,7 @@
 //! moved into it; the state task keeps serving events and peers meanwhile and learns of the
 //! result through a channel. One job at a time: the writer is either here or in the job.
 
+use crate::cache::Mirror;
 use crate::commit::{self, CommitOptions};
 use crate::config::{CommitMode, FailoverConfig};
 use crate::flow::{Flow, FlowKey};
@@ -46,6 +47,20 @@ pub struct JobDone {
     writer: Writer,
     result: Result<WriteReport, String>,
     flows: usize,
+    /// Flows applied to the mirror before they were written (see [`Mirror::own_creations`]).
+    fresh: usize,
+}
+
+impl JobDone {
+    /// Whether flows applied to the mirror ahead of their creation may be missing from the
+    /// kernel: some write failed, and the mirror must be checked against the kernel.
+    pub fn mirror_unsure(&self) -> bool {
+        self.fresh > 0
+            && match &self.result {
+                Ok(r) => !r.failures.is_empty(),
+                Err(_) => true,
+            }
+    }
 }
 
 /// Outcome of a commit, for `syncctl commit` and status.
@@ -237,7 +252,13 @@ impl Failover {
 
     /// Starts a commit of the whole external cache (also the first step of a promotion).
     /// False when another write is running.
-    pub fn commit(&mut self, external: &ExternalCache, now: Duration, kind: JobKind) -> bool {
+    pub fn commit(
+        &mut self,
+        external: &ExternalCache,
+        now: Duration,
+        kind: JobKind,
+        mirror: &mut Mirror,
+    ) -> bool {
         if self.busy() {
             return false;
         }
@@ -254,7 +275,7 @@ impl Failover {
             report: WriteReport::default(),
             started: Instant::now(),
         });
-        self.resume_commit(external, now);
+        self.resume_commit(external, now, mirror);
         true
     }
 
@@ -262,7 +283,7 @@ impl Failover {
     /// one after it meanwhile: the kernel write is the commit's bottleneck, so the writer should
     /// never wait for the state task to shape flows. Call whenever the state task is woken (the
     /// daemon does after every event).
-    pub fn resume_commit(&mut self, external: &ExternalCache, now: Duration) {
+    pub fn resume_commit(&mut self, external: &ExternalCache, now: Duration, mirror: &mut Mirror) {
         let Some(plan) = &mut self.plan else {
             return;
         };
@@ -275,7 +296,7 @@ impl Failover {
         };
         plan.flows += flows.len();
         let kind = plan.kind;
-        self.spawn(kind, flows, Vec::new());
+        self.spawn(kind, flows, Vec::new(), mirror);
         if let Some(plan) = &mut self.plan {
             plan.prepare_next(external, now, &self.opts);
         }
@@ -295,7 +316,7 @@ impl Failover {
     }
 
     /// Starts a continuous-injection job for what is pending, if the writer is free.
-    pub fn inject_pending(&mut self, external: &ExternalCache, now: Duration) {
+    pub fn inject_pending(&mut self, external: &ExternalCache, now: Duration, mirror: &mut Mirror) {
         // A commit in progress goes first; what is pending waits for its end.
         if self.inject_pending.is_empty() || self.busy() {
             return;
@@ -314,23 +335,20 @@ impl Failover {
                 None => deletes.push(key_only(key)),
             }
         }
-        self.spawn(JobKind::Inject, upserts, deletes);
+        self.spawn(JobKind::Inject, upserts, deletes, mirror);
     }
 
     /// Runs a due purge: deletes kernel flows that are ours (in `internal`) and not replicated
     /// from a peer. Returns whether a job started.
-    pub fn purge_if_due(
-        &mut self,
-        internal: &crate::cache::FlowTable,
-        external: &ExternalCache,
-    ) -> bool {
+    pub fn purge_if_due(&mut self, mirror: &mut Mirror, external: &ExternalCache) -> bool {
         let due = self.purge_at.is_some_and(|t| Instant::now() >= t);
         if !due || self.busy() {
             return false;
         }
         self.purge_at = None;
         let replicated = |k: &FlowKey| external.origins().any(|(_, o)| o.get(k).is_some());
-        let doomed: Vec<Flow> = internal
+        let doomed: Vec<Flow> = mirror
+            .table()
             .iter()
             .filter(|f| !replicated(&f.key))
             .cloned()
@@ -339,18 +357,27 @@ impl Failover {
             flows = doomed.len(),
             "purging flows this backup no longer owns"
         );
-        self.spawn(JobKind::Purge, Vec::new(), doomed)
+        self.spawn(JobKind::Purge, Vec::new(), doomed, mirror)
     }
 
-    fn spawn(&mut self, kind: JobKind, upserts: Vec<Flow>, deletes: Vec<Flow>) -> bool {
+    /// Runs a write job; the upserts new to the mirror are applied to it first and written so
+    /// that their creation events need not come back (see [`Mirror::own_creations`]).
+    fn spawn(
+        &mut self,
+        kind: JobKind,
+        upserts: Vec<Flow>,
+        deletes: Vec<Flow>,
+        mirror: &mut Mirror,
+    ) -> bool {
         let Some(mut writer) = self.writer.take() else {
             return false;
         };
+        let (fresh, known) = mirror.own_creations(upserts);
         let tx = self.jobs_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let flows = upserts.len() + deletes.len();
+            let flows = fresh.len() + known.len() + deletes.len();
             let result = writer
-                .upsert(&upserts)
+                .upsert_fresh(&fresh, &known)
                 .and_then(|mut r| {
                     let d = writer.delete(&deletes)?;
                     r.deleted += d.deleted;
@@ -364,6 +391,7 @@ impl Failover {
                 writer,
                 result,
                 flows,
+                fresh: fresh.len(),
             };
             let _ = tx.blocking_send(done);
         });

@@ -70,12 +70,12 @@ const METRICS: &[(&str, &str, &str)] = &[
     (
         "floor_create_writer_cpu_s",
         "s",
-        "  of which: N creations by a raw writer",
+        "  of which: N creations by a raw writer (events built)",
     ),
     (
         "floor_create_events_cpu_s",
         "s",
-        "  of which: N creation events received (paid twice)",
+        "  of which: N creation events received",
     ),
     (
         "floor_delete_events_cpu_s",

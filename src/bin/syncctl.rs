@@ -269,6 +269,11 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
+        "own creations {} (applied as written, their events dropped in the kernel)",
+        st.own_creations
+    )?;
+    writeln!(
+        out,
         "overruns      {} (resyncs {}, flows repaired {}, undecodable {})",
         st.overruns, st.resyncs, st.resync_repairs, st.undecodable
     )?;

@@ -138,6 +138,49 @@ fn decode_datagram(origins: &Origins, datagram: &[u8], out: &mut Vec<KernelEvent
     }
 }
 
+/// A classic BPF program for an event socket that drops the creation events (`CT_NEW` with
+/// `NLM_F_CREATE`, as the kernel sends a new entry; updates carry no flag) whose `nlmsg_pid` is
+/// one of `portids`, and keeps everything else whole.
+///
+/// Absolute loads read the `nlmsghdr` at the start of the datagram (an event datagram holds one
+/// message) in network byte order, while netlink headers are in host order: constants are
+/// swapped to match, and the flags' high byte is tested directly.
+fn own_creation_filter(portids: &[u32]) -> Vec<libc::sock_filter> {
+    const LD_H: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+    const LD_B: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const LD_W: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let be16 = |v: u16| u32::from(u16::from_be_bytes(v.to_ne_bytes()));
+    let be32 = |v: u32| u32::from_be_bytes(v.to_ne_bytes());
+    // NLM_F_CREATE (0x400) as the byte at offset 7 holds it on a little-endian host, or at
+    // offset 6 on a big-endian one.
+    let (flags_at, create_bit) = if cfg!(target_endian = "little") {
+        (7, 0x04)
+    } else {
+        (6, 0x04)
+    };
+    let n = portids.len();
+    // Jump offsets count the instructions skipped; "keep" is the last-but-one instruction.
+    let keep_from = |i: usize| u8::try_from(i).unwrap_or(u8::MAX);
+    let mut prog = vec![
+        op(LD_H, 0, 0, 4),
+        op(JEQ, 0, keep_from(n + 3), be16(attr::MSG_CT_NEW)),
+        op(LD_B, 0, 0, flags_at),
+        op(JSET, 0, keep_from(n + 1), create_bit),
+        op(LD_W, 0, 0, 12),
+    ];
+    for (i, &pid) in portids.iter().enumerate() {
+        // Match: jump over the remaining comparisons and "keep" to "drop".
+        prog.push(op(JEQ, keep_from(n - i), 0, be32(pid)));
+    }
+    prog.push(op(RET, 0, 0, u32::MAX));
+    prog.push(op(RET, 0, 0, 0));
+    prog
+}
+
 /// The event subscription: NEW, UPDATE and DESTROY groups on one socket.
 #[derive(Debug)]
 pub struct EventSource {
@@ -173,6 +216,19 @@ impl EventSource {
             origins,
         };
         Ok((src, granted))
+    }
+
+    /// Has the kernel drop, before they reach this socket, the creation events caused by the
+    /// sockets `portids` (the writer's quiet sockets, see [`Writer::quiet_portids`]). Their
+    /// flows are applied to the mirror when written ([`crate::cache::Mirror::own_creations`]),
+    /// so reading the events back would only cost a copy, a wake-up and a decode per flow: a
+    /// third of a commit's CPU. Every other event, ours included, still comes through.
+    pub fn hide_own_creations(&self, portids: &[u32]) -> Result<(), KernelError> {
+        if portids.is_empty() {
+            return Ok(());
+        }
+        self.sock.attach_filter(&own_creation_filter(portids))?;
+        Ok(())
     }
 
     /// Receives at least one event (or returns after the receive timeout with none), then takes
@@ -362,9 +418,15 @@ fn op_name(op: WriteOp) -> &'static str {
 
 /// Batched writer: many requests per system call, every per-flow error reported.
 ///
-/// Several sockets let several threads work at once. The kernel serialises ctnetlink requests
-/// on one mutex, so a second socket does not make the kernel faster; it overlaps one thread's
-/// encoding with the other's time in the kernel (about +25% measured with realistic flows).
+/// Several lanes let several threads work at once. The kernel serialises ctnetlink requests
+/// on one mutex, so a second lane does not make the kernel faster, and mostly spins on it.
+///
+/// Each lane has two sockets. The *quiet* one only makes first attempts at creating flows the
+/// caller knows to be new to the kernel ([`Writer::upsert_fresh`]); the event socket can have
+/// their creation events dropped in the kernel ([`EventSource::hide_own_creations`]) because
+/// the caller applies those flows itself. Everything else (updates, replacements, deletions,
+/// creations of flows the caller is unsure of) goes through the other socket, whose events come
+/// back in order with everything else the kernel reports.
 #[derive(Debug)]
 pub struct Writer {
     lanes: Vec<Lane>,
@@ -373,6 +435,7 @@ pub struct Writer {
 #[derive(Debug)]
 struct Lane {
     sock: CtSocket,
+    quiet: CtSocket,
     seq: u32,
     out: Vec<u8>,
     rbuf: Vec<u8>,
@@ -387,12 +450,16 @@ impl Writer {
     pub fn open(sockets: usize, origins: &Origins) -> Result<Writer, KernelError> {
         let lanes = (0..sockets.max(1))
             .map(|_| {
-                let sock = CtSocket::open()?;
-                sock.set_send_buffer(4 * BATCH_BYTES)?;
-                sock.set_recv_buffer(32 << 20)?;
-                origins.register(sock.portid());
+                let open = || -> Result<CtSocket, KernelError> {
+                    let sock = CtSocket::open()?;
+                    sock.set_send_buffer(4 * BATCH_BYTES)?;
+                    sock.set_recv_buffer(32 << 20)?;
+                    origins.register(sock.portid());
+                    Ok(sock)
+                };
                 Ok(Lane {
-                    sock,
+                    sock: open()?,
+                    quiet: open()?,
                     seq: 0,
                     out: Vec::with_capacity(BATCH_BYTES + 4096),
                     rbuf: vec![0u8; RECV_BUF],
@@ -402,19 +469,45 @@ impl Writer {
         Ok(Writer { lanes })
     }
 
-    /// Port ids of the writing sockets.
+    /// Port ids of the quiet sockets: see [`EventSource::hide_own_creations`].
+    pub fn quiet_portids(&self) -> Vec<u32> {
+        self.lanes.iter().map(|l| l.quiet.portid()).collect()
+    }
+
+    /// Port ids of the writing sockets, quiet ones included.
     pub fn portids(&self) -> Vec<u32> {
-        self.lanes.iter().map(|l| l.sock.portid()).collect()
+        self.lanes
+            .iter()
+            .flat_map(|l| [l.sock.portid(), l.quiet.portid()])
+            .collect()
     }
 
     /// Creates every flow, or brings an existing entry to the flow's state.
     ///
     /// Flows without a master go first, so that related flows find their master entry.
     pub fn upsert(&mut self, flows: &[Flow]) -> Result<WriteReport, KernelError> {
-        let (masters, related): (Vec<&Flow>, Vec<&Flow>) =
-            flows.iter().partition(|f| f.master().is_none());
-        let mut report = self.parallel(&masters, Lane::upsert)?;
-        report.merge(self.parallel(&related, Lane::upsert)?);
+        self.upsert_fresh(&[], flows)
+    }
+
+    /// [`Writer::upsert`] of `fresh` and `known` flows, where the first creation attempt of a
+    /// `fresh` flow (one the caller believes absent from the kernel and has applied to its
+    /// mirror itself) goes through the quiet socket. Masters of both go before related flows.
+    pub fn upsert_fresh(
+        &mut self,
+        fresh: &[Flow],
+        known: &[Flow],
+    ) -> Result<WriteReport, KernelError> {
+        let (fresh_masters, fresh_related) = masters_first(fresh);
+        let (known_masters, known_related) = masters_first(known);
+        let mut report = WriteReport::default();
+        for (flows, work) in [
+            (&fresh_masters, Lane::upsert_quiet as LaneWork),
+            (&known_masters, Lane::upsert),
+            (&fresh_related, Lane::upsert_quiet),
+            (&known_related, Lane::upsert),
+        ] {
+            report.merge(self.parallel(flows, work)?);
+        }
         Ok(report)
     }
 
@@ -424,11 +517,7 @@ impl Writer {
         self.parallel(&refs, Lane::delete)
     }
 
-    fn parallel(
-        &mut self,
-        flows: &[&Flow],
-        work: fn(&mut Lane, &[&Flow]) -> Result<WriteReport, KernelError>,
-    ) -> Result<WriteReport, KernelError> {
+    fn parallel(&mut self, flows: &[&Flow], work: LaneWork) -> Result<WriteReport, KernelError> {
         if flows.is_empty() {
             return Ok(WriteReport::default());
         }
@@ -456,11 +545,28 @@ impl Writer {
     }
 }
 
+/// Flows without a master, then the related ones: a related flow needs its master's entry.
+fn masters_first(flows: &[Flow]) -> (Vec<&Flow>, Vec<&Flow>) {
+    flows.iter().partition(|f| f.master().is_none())
+}
+
+/// One kind of work a lane does on its share of the flows.
+type LaneWork = fn(&mut Lane, &[&Flow]) -> Result<WriteReport, KernelError>;
+
 impl Lane {
     fn upsert(&mut self, flows: &[&Flow]) -> Result<WriteReport, KernelError> {
+        self.upsert_via(false, flows)
+    }
+
+    fn upsert_quiet(&mut self, flows: &[&Flow]) -> Result<WriteReport, KernelError> {
+        self.upsert_via(true, flows)
+    }
+
+    /// Creates, or updates what exists; only the first creation attempt may be `quiet`.
+    fn upsert_via(&mut self, quiet: bool, flows: &[&Flow]) -> Result<WriteReport, KernelError> {
         let mut report = WriteReport::default();
         let mut existing = Vec::new();
-        for (i, errno) in self.run(WriteOp::Create, flows)? {
+        for (i, errno) in self.run_via(quiet, WriteOp::Create, flows)? {
             match errno {
                 0 => report.created += 1,
                 e if e == libc::EEXIST => existing.push(flows[i]),
@@ -507,15 +613,25 @@ impl Lane {
         Ok(report)
     }
 
-    /// Sends `op` for every flow in batches; returns (index, errno) for each, 0 meaning success.
     fn run(&mut self, op: WriteOp, flows: &[&Flow]) -> Result<Vec<(usize, i32)>, KernelError> {
+        self.run_via(false, op, flows)
+    }
+
+    /// Sends `op` for every flow in batches, through the quiet socket or the other one;
+    /// returns (index, errno) for each, 0 meaning success.
+    fn run_via(
+        &mut self,
+        quiet: bool,
+        op: WriteOp,
+        flows: &[&Flow],
+    ) -> Result<Vec<(usize, i32)>, KernelError> {
         // A fresh sequence space per run: reports can never be matched to an earlier run.
         self.seq = self.seq.wrapping_add(1 << 24);
         let mut results = Vec::with_capacity(flows.len());
         let mut start = 0;
         while start < flows.len() {
             let end = self.fill(op, flows, start);
-            match self.send_and_collect(start, end) {
+            match self.send_and_collect(quiet, start, end) {
                 Ok(errors) => {
                     let mut errors = errors.into_iter().peekable();
                     for i in start..end {
@@ -534,7 +650,7 @@ impl Lane {
                 // `upsert`/`delete`, so redo the batch in single requests with an ACK each.
                 Err(KernelError::Recv(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     for (i, flow) in flows.iter().enumerate().take(end).skip(start) {
-                        results.push((i, self.single(op, flow, i)?));
+                        results.push((i, self.single(quiet, op, flow, i)?));
                     }
                     start = end;
                 }
@@ -565,14 +681,16 @@ impl Lane {
     /// earlier error report has been queued (the kernel handles a datagram in order).
     fn send_and_collect(
         &mut self,
+        quiet: bool,
         start: usize,
         end: usize,
     ) -> Result<Vec<(usize, i32)>, KernelError> {
-        self.sock.send(&self.out)?;
+        let sock = if quiet { &self.quiet } else { &self.sock };
+        sock.send(&self.out)?;
         let last_seq = self.seq_of(end - 1);
         let mut errors = Vec::new();
         loop {
-            let n = self.sock.recv(&mut self.rbuf).map_err(KernelError::Recv)?;
+            let n = sock.recv(&mut self.rbuf).map_err(KernelError::Recv)?;
             for msg in codec::messages(&self.rbuf[..n]) {
                 let msg = msg?;
                 if msg.msg_type != attr::NLMSG_ERROR {
@@ -591,11 +709,17 @@ impl Lane {
         }
     }
 
-    fn single(&mut self, op: WriteOp, flow: &Flow, index: usize) -> Result<i32, KernelError> {
+    fn single(
+        &mut self,
+        quiet: bool,
+        op: WriteOp,
+        flow: &Flow,
+        index: usize,
+    ) -> Result<i32, KernelError> {
         self.out.clear();
         let seq = self.seq_of(index);
         codec::encode_write(&mut self.out, op, flow, seq, true);
-        let errors = self.send_and_collect(index, index + 1)?;
+        let errors = self.send_and_collect(quiet, index, index + 1)?;
         Ok(errors.first().map_or(0, |&(_, e)| e))
     }
 }

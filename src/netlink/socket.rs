@@ -104,6 +104,20 @@ impl CtSocket {
         Ok(())
     }
 
+    /// Attaches a classic BPF program, run by the kernel on every datagram before it is queued
+    /// to this socket: what it drops is never copied, queued, woken for or read.
+    pub fn attach_filter(&self, program: &[libc::sock_filter]) -> Result<(), SocketError> {
+        let prog = libc::sock_fprog {
+            len: u16::try_from(program.len()).map_err(|_| SocketError::Io {
+                op: "SO_ATTACH_FILTER",
+                source: io::Error::other("BPF program too long"),
+            })?,
+            filter: program.as_ptr().cast_mut(),
+        };
+        setsockopt(&self.sock, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+            .map_err(io_err("SO_ATTACH_FILTER"))
+    }
+
     /// Receives one datagram into `buf`, returning its length.
     ///
     /// The raw `io::Error` is returned so that callers can tell `ENOBUFS` (events lost) and
