@@ -350,20 +350,40 @@ fn decode_batch(b: pb::Batch) -> Result<Batch, WireError> {
 
 /// Validates the flow of the `i`th upsert of a batch; errors carry the whole path
 /// (`batch.upserts[i].flow…`). Shared with [`frame`]'s decoder so that both reject alike.
+#[inline]
 pub(crate) fn upsert_from_fields(
     i: usize,
     flow: Option<&FlowFields<'_>>,
 ) -> Result<Flow, WireError> {
+    match flow.and_then(flow_fast) {
+        Some(f) => Ok(f),
+        None => upsert_checked(i, flow),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn upsert_checked(i: usize, flow: Option<&FlowFields<'_>>) -> Result<Flow, WireError> {
     require(flow, "flow")
         .and_then(|f| flow_from_fields(f).within("flow"))
         .within(format_args!("batch.upserts[{i}]"))
 }
 
 /// Validates the key of the `i`th delete of a batch, as [`upsert_from_fields`] does a flow.
+#[inline]
 pub(crate) fn delete_from_fields(
     i: usize,
     key: Option<&KeyFields<'_>>,
 ) -> Result<FlowKey, WireError> {
+    match key.and_then(key_fast) {
+        Some(k) => Ok(k),
+        None => delete_checked(i, key),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn delete_checked(i: usize, key: Option<&KeyFields<'_>>) -> Result<FlowKey, WireError> {
     require(key, "key")
         .and_then(|k| key_from_fields(k).within("key"))
         .within(format_args!("batch.deletes[{i}]"))
@@ -592,7 +612,72 @@ impl TryFrom<pb::Tuple> for Tuple {
     }
 }
 
+/// The fast path of the checks below: the value when every check passes, `None` otherwise
+/// (then the checked version, which it must agree with, finds the error).
+#[inline]
+fn addr_fast(b: &[u8], v4: Option<u32>) -> Option<IpAddr> {
+    match v4 {
+        Some(a) if b.is_empty() => Some(IpAddr::V4(Ipv4Addr::from_bits(a))),
+        Some(_) => None,
+        None => match b.len() {
+            16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?))),
+            4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?))),
+            _ => None,
+        },
+    }
+}
+
+/// [`tuple_checked`] when it succeeds, without building errors.
+#[inline]
+fn tuple_fast(t: &TupleFields<'_>) -> Option<Tuple> {
+    let src = addr_fast(t.src, t.src_v4)?;
+    let dst = addr_fast(t.dst, t.dst_v4)?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return None;
+    }
+    let p = u8::try_from(t.proto).ok()?;
+    let l4 = if proto::has_ports(p) {
+        if t.icmp_id | t.icmp_type | t.icmp_code != 0 {
+            return None;
+        }
+        L4::Ports {
+            src: t.src_port.try_into().ok()?,
+            dst: t.dst_port.try_into().ok()?,
+        }
+    } else if proto::is_icmp(p) {
+        if t.src_port | t.dst_port != 0 {
+            return None;
+        }
+        L4::Icmp {
+            id: t.icmp_id.try_into().ok()?,
+            kind: t.icmp_type.try_into().ok()?,
+            code: t.icmp_code.try_into().ok()?,
+        }
+    } else {
+        if t.src_port | t.dst_port | t.icmp_id | t.icmp_type | t.icmp_code != 0 {
+            return None;
+        }
+        L4::None
+    };
+    Some(Tuple {
+        src,
+        dst,
+        proto: p,
+        l4,
+    })
+}
+
+#[inline]
 fn tuple_from_fields(t: &TupleFields<'_>) -> Result<Tuple, WireError> {
+    match tuple_fast(t) {
+        Some(t) => Ok(t),
+        None => tuple_checked(t),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn tuple_checked(t: &TupleFields<'_>) -> Result<Tuple, WireError> {
     let src = decode_addr(t.src, t.src_v4, "src")?;
     let dst = decode_addr(t.dst, t.dst_v4, "dst")?;
     if src.is_ipv4() != dst.is_ipv4() {
@@ -670,7 +755,34 @@ impl TryFrom<pb::FlowKey> for FlowKey {
     }
 }
 
+/// [`key_checked`] when it succeeds, without building errors.
+#[inline]
+fn key_fast(k: &KeyFields<'_>) -> Option<FlowKey> {
+    let dir = match pb::ZoneDir::try_from(k.zone_dir).ok()? {
+        pb::ZoneDir::Both => ZoneDir::Both,
+        pb::ZoneDir::Original => ZoneDir::Original,
+        pb::ZoneDir::Reply => ZoneDir::Reply,
+    };
+    Some(FlowKey {
+        zone: Zone {
+            id: k.zone.try_into().ok()?,
+            dir,
+        },
+        orig: tuple_fast(k.orig.as_ref()?)?,
+    })
+}
+
+#[inline]
 fn key_from_fields(k: &KeyFields<'_>) -> Result<FlowKey, WireError> {
+    match key_fast(k) {
+        Some(k) => Ok(k),
+        None => key_checked(k),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn key_checked(k: &KeyFields<'_>) -> Result<FlowKey, WireError> {
     let dir = match pb::ZoneDir::try_from(k.zone_dir) {
         Ok(pb::ZoneDir::Both) => ZoneDir::Both,
         Ok(pb::ZoneDir::Original) => ZoneDir::Original,
@@ -687,7 +799,7 @@ fn key_from_fields(k: &KeyFields<'_>) -> Result<FlowKey, WireError> {
             id: narrow(k.zone, "zone")?,
             dir,
         },
-        orig: tuple_from_fields(&require(k.orig, "orig")?).within("orig")?,
+        orig: tuple_from_fields(require(k.orig.as_ref(), "orig")?).within("orig")?,
     })
 }
 
@@ -775,9 +887,73 @@ impl TryFrom<pb::Flow> for Flow {
     }
 }
 
+/// [`flow_checked`] when it succeeds, without building errors.
+#[inline]
+fn flow_fast(f: &FlowFields<'_>) -> Option<Flow> {
+    let key = key_fast(f.key.as_ref()?)?;
+    let reply = tuple_fast(f.reply.as_ref()?)?;
+    let labels = match f.labels.len() {
+        0 => 0,
+        16 => u128::from_be_bytes(<[u8; 16]>::try_from(f.labels).ok()?),
+        _ => return None,
+    };
+    let protoinfo = match f.protoinfo {
+        None => ProtoInfo::None,
+        Some(p) => protoinfo_fast(p)?,
+    };
+    let master = match &f.master {
+        None => None,
+        Some(t) => Some(tuple_fast(t)?),
+    };
+    let seq_adj = match &f.seq_adj {
+        None => None,
+        Some(s) => Some(SeqAdj {
+            orig: s.orig?,
+            reply: s.reply?,
+        }),
+    };
+    if let Some(name) = f.helper {
+        if name.len() > HELPER_NAME_MAX || name.contains('\0') {
+            return None;
+        }
+    }
+    let mut flow = Flow::new(key.zone, key.orig, reply);
+    flow.status = f.status;
+    flow.timeout = f.timeout;
+    flow.mark = f.mark;
+    flow.set_protoinfo(protoinfo);
+    // The rare attributes: setting a neutral one is a no-op on a new flow.
+    if labels != 0 {
+        flow.set_labels(labels);
+    }
+    if let Some(name) = f.helper {
+        flow.set_helper(Some(Box::from(name)));
+    }
+    if master.is_some() {
+        flow.set_master(master);
+    }
+    if seq_adj.is_some() {
+        flow.set_seq_adj(seq_adj);
+    }
+    if f.synproxy.is_some() {
+        flow.set_synproxy(f.synproxy);
+    }
+    Some(flow)
+}
+
+#[inline]
 fn flow_from_fields(f: &FlowFields<'_>) -> Result<Flow, WireError> {
-    let key = key_from_fields(&require(f.key, "key")?).within("key")?;
-    let reply = tuple_from_fields(&require(f.reply, "reply")?).within("reply")?;
+    match flow_fast(f) {
+        Some(flow) => Ok(flow),
+        None => flow_checked(f),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn flow_checked(f: &FlowFields<'_>) -> Result<Flow, WireError> {
+    let key = key_from_fields(require(f.key.as_ref(), "key")?).within("key")?;
+    let reply = tuple_from_fields(require(f.reply.as_ref(), "reply")?).within("reply")?;
     let labels = if f.labels.is_empty() {
         0
     } else {
@@ -821,6 +997,44 @@ fn flow_from_fields(f: &FlowFields<'_>) -> Result<Flow, WireError> {
     flow.set_seq_adj(seq_adj);
     flow.set_synproxy(f.synproxy);
     Ok(flow)
+}
+
+/// [`protoinfo_from_fields`] when it succeeds, without building errors.
+#[inline]
+fn protoinfo_fast(p: ProtoinfoFields) -> Option<ProtoInfo> {
+    Some(match p {
+        ProtoinfoFields::Tcp {
+            state,
+            wscale_orig,
+            wscale_reply,
+            flags_orig,
+            flags_reply,
+        } => ProtoInfo::Tcp(TcpInfo {
+            state: state.try_into().ok()?,
+            wscale_orig: wscale_orig.try_into().ok()?,
+            wscale_reply: wscale_reply.try_into().ok()?,
+            flags_orig: flags_orig.try_into().ok()?,
+            flags_reply: flags_reply.try_into().ok()?,
+        }),
+        ProtoinfoFields::Sctp {
+            state,
+            vtag_orig,
+            vtag_reply,
+        } => ProtoInfo::Sctp {
+            state: state.try_into().ok()?,
+            vtag_orig,
+            vtag_reply,
+        },
+        ProtoinfoFields::Dccp {
+            state,
+            role,
+            handshake_seq,
+        } => ProtoInfo::Dccp {
+            state: state.try_into().ok()?,
+            role: role.try_into().ok()?,
+            handshake_seq,
+        },
+    })
 }
 
 fn protoinfo_from_fields(p: ProtoinfoFields) -> Result<ProtoInfo, WireError> {

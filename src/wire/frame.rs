@@ -543,8 +543,25 @@ fn put_protoinfo(p: &ProtoInfo, buf: &mut impl BufMut) {
 const RECURSION_LIMIT: u32 = 100;
 
 /// Reads a varint as prost does: at most 10 bytes, the 10th at most 1.
-#[inline]
+#[inline(always)]
 fn get_varint(buf: &mut &[u8]) -> Parse<u64> {
+    let bytes: &[u8] = buf;
+    match *bytes {
+        [b0, ref rest @ ..] if b0 < 0x80 => {
+            *buf = rest;
+            Ok(u64::from(b0))
+        }
+        [b0, b1, ref rest @ ..] if b1 < 0x80 => {
+            *buf = rest;
+            Ok(u64::from(b0 & 0x7f) | u64::from(b1) << 7)
+        }
+        _ => get_varint_slow(buf),
+    }
+}
+
+/// [`get_varint`] for varints of 3 bytes or more, and errors.
+#[inline(never)]
+fn get_varint_slow(buf: &mut &[u8]) -> Parse<u64> {
     let mut value = 0u64;
     for i in 0..10 {
         let Some((&b, rest)) = buf.split_first() else {
@@ -564,7 +581,7 @@ fn get_varint(buf: &mut &[u8]) -> Parse<u64> {
 }
 
 /// Reads a field key: (field number, wire type).
-#[inline]
+#[inline(always)]
 fn get_key(buf: &mut &[u8]) -> Parse<(u32, u8)> {
     let k = get_varint(buf)?;
     let k = u32::try_from(k).map_err(|_| ProtobufError::InvalidKey)?;
@@ -578,6 +595,7 @@ fn get_key(buf: &mut &[u8]) -> Parse<(u32, u8)> {
     }
 }
 
+#[inline(always)]
 fn take<'a>(buf: &mut &'a [u8], len: u64) -> Parse<&'a [u8]> {
     if len > buf.len() as u64 {
         return Err(ProtobufError::BufferUnderflow);
@@ -596,6 +614,7 @@ struct Field {
 }
 
 impl Field {
+    #[inline(always)]
     fn expect(&self, wire_type: u8) -> Parse<()> {
         if self.wire_type == wire_type {
             Ok(())
@@ -608,27 +627,32 @@ impl Field {
         }
     }
 
+    #[inline(always)]
     fn u64(&self, buf: &mut &[u8]) -> Parse<u64> {
         self.expect(VARINT)?;
         get_varint(buf)
     }
 
     /// A `uint32`: prost keeps the low 32 bits of the varint.
+    #[inline(always)]
     fn u32(&self, buf: &mut &[u8]) -> Parse<u32> {
         Ok(self.u64(buf)? as u32)
     }
 
     /// An `int32` (the enum): prost keeps the low 32 bits of the varint.
+    #[inline(always)]
     fn i32(&self, buf: &mut &[u8]) -> Parse<i32> {
         Ok(self.u64(buf)? as i32)
     }
 
+    #[inline(always)]
     fn fixed32(&self, buf: &mut &[u8]) -> Parse<u32> {
         self.expect(FIXED32)?;
         let b = take(buf, 4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    #[inline(always)]
     fn bytes<'a>(&self, buf: &mut &'a [u8]) -> Parse<&'a [u8]> {
         self.expect(LEN)?;
         let len = get_varint(buf)?;
@@ -640,6 +664,7 @@ impl Field {
     }
 
     /// An embedded message: its bytes and the budget of its own fields.
+    #[inline(always)]
     fn message<'a>(&self, buf: &mut &'a [u8]) -> Parse<(&'a [u8], u32)> {
         self.expect(LEN)?;
         if self.depth == 0 {
@@ -683,6 +708,7 @@ impl Field {
 /// Reads the fields of one message body into `target` with `field`, which handles the known
 /// ones and skips the others; a repeated embedded message is merged by calling this again on
 /// the same target.
+#[inline(always)]
 fn merge<'a, T>(
     target: &mut T,
     mut body: &'a [u8],
@@ -705,11 +731,12 @@ fn merge<'a, T>(
 }
 
 /// Merges an embedded message field into `slot` (created empty on its first occurrence).
+#[inline(always)]
 fn merge_into<'a, T: Default>(
     slot: &mut Option<T>,
     f: Field,
     buf: &mut &'a [u8],
-    merge_fn: fn(&mut T, &'a [u8], u32) -> Parse<()>,
+    merge_fn: impl FnOnce(&mut T, &'a [u8], u32) -> Parse<()>,
 ) -> Parse<()> {
     let (body, depth) = f.message(buf)?;
     merge_fn(slot.get_or_insert_with(T::default), body, depth)
@@ -861,16 +888,17 @@ struct Change<T> {
     item: Option<T>,
 }
 
+#[inline(always)]
 fn merge_change<'a, T: Default>(
     c: &mut Change<T>,
     body: &'a [u8],
     depth: u32,
-    merge_item: fn(&mut T, &'a [u8], u32) -> Parse<()>,
+    mut merge_item: impl FnMut(&mut T, &'a [u8], u32) -> Parse<()>,
 ) -> Parse<()> {
     merge(c, body, depth, |c, f, buf| {
         match f.tag {
             1 => c.version = f.u64(buf)?,
-            2 => merge_into(&mut c.item, f, buf, merge_item)?,
+            2 => merge_into(&mut c.item, f, buf, &mut merge_item)?,
             _ => f.skip(buf)?,
         }
         Ok(())
