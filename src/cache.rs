@@ -315,6 +315,13 @@ impl Mirror {
         for flow in dump {
             fresh.insert(flow);
         }
+        self.dump_complete_table(fresh)
+    }
+
+    /// [`Mirror::dump_complete`] with the dump already in a table: the daemon's dump thread
+    /// builds it as entries arrive, so that the state task (which also serves the peers) only
+    /// replays and compares, and no list of the whole dump is held besides the table.
+    pub fn dump_complete_table(&mut self, mut fresh: FlowTable) -> (Vec<Change>, MirrorAction) {
         for msg in self.replay.take().unwrap_or_default() {
             apply(&mut fresh, &msg);
         }

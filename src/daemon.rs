@@ -13,11 +13,10 @@
 //!
 //! The tokio tasks share one thread (`ctsyncd` uses a current-thread runtime): see its `main`.
 
-use crate::cache::{Mirror, MirrorAction};
+use crate::cache::{FlowTable, Mirror, MirrorAction};
 use crate::config::Config;
 use crate::control::{self, CacheName, CacheStatus, Call, KernelStatus, Reply, Request};
 use crate::failover::{AfterJob, Failover, JobDone, JobKind};
-use crate::flow::Flow;
 use crate::netlink::{self, CtSocket, EventSource, KernelError, KernelEvent, Origins, Writer};
 use crate::replication::{Replication, ReplicationError};
 use crate::transport::grpc::TransportEvent;
@@ -62,7 +61,7 @@ enum EventMsg {
 
 /// Result of one dump run by the dump thread.
 struct DumpResult {
-    flows: Result<Vec<Flow>, String>,
+    flows: Result<FlowTable, String>,
     elapsed: Duration,
 }
 
@@ -101,6 +100,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     })?;
     let (call_tx, call_rx) = mpsc::channel(16);
     let server = tokio::spawn(control::serve(listener, call_tx));
+    let stalls = tokio::spawn(watch_stalls(|held| {
+        tracing::warn!(
+            ms = held.as_millis() as u64,
+            "ctsyncd's main thread was held this long by one piece of work; peers, control \
+             requests and kernel events waited meanwhile"
+        );
+    }));
     tracing::info!(
         node_id = %cfg.node_id,
         socket = %cfg.control.socket.display(),
@@ -129,9 +135,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     stop.store(true, Ordering::Relaxed);
     server.abort();
+    stalls.abort();
     let _ = std::fs::remove_file(&cfg.control.socket);
     tracing::info!("ctsyncd stopped");
     result
+}
+
+/// A stall of the runtime's thread longer than this is logged.
+const STALL_WARN: Duration = Duration::from_millis(500);
+
+/// Reports (to be logged) when the runtime's one thread was held by a single piece of work for
+/// longer than [`STALL_WARN`]: the peers' keepalive answers, control requests and event intake
+/// all waited that long (a reconciliation of millions of flows can do it). Left unnoticed, a
+/// stall near the peers' keepalive timeout looks like a flapping link.
+async fn watch_stalls(report: impl Fn(Duration)) {
+    const PERIOD: Duration = Duration::from_millis(100);
+    let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let held = now.duration_since(last).saturating_sub(PERIOD);
+        if held > STALL_WARN {
+            report(held);
+        }
+        last = now;
+    }
 }
 
 fn spawn_event_reader(
@@ -190,8 +220,12 @@ fn spawn_dumper(
         .spawn(move || {
             for () in req_rx {
                 let t0 = Instant::now();
-                let mut flows = Vec::new();
-                let result = netlink::dump(&sock, |m| flows.push(m.flow));
+                // Built here rather than on the state task: at millions of flows this is
+                // seconds of work, and the state task also answers the peers' keepalives.
+                let mut flows = FlowTable::new();
+                let result = netlink::dump(&sock, |m| {
+                    flows.insert(m.flow);
+                });
                 // Undecodable entries are logged by `dump`; the rest is still the best mirror.
                 let flows = result.map(|_| flows).map_err(|e| e.to_string());
                 let done = DumpResult {
@@ -416,7 +450,7 @@ impl State<'_> {
         match done.flows {
             Ok(flows) => {
                 let n = flows.len();
-                let (changes, action) = self.mirror.dump_complete(flows);
+                let (changes, action) = self.mirror.dump_complete_table(flows);
                 let changed = changes.len();
                 for change in changes {
                     self.change(change);
@@ -623,4 +657,34 @@ async fn purge_timer(at: Option<Instant>) {
 
 fn done(message: &str) -> Reply {
     Reply::Value(serde_json::json!({ "done": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_runtime_thread_is_reported_and_a_free_one_is_not() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.block_on(async move {
+            let watcher = tokio::spawn(watch_stalls(move |held| tx.send(held).unwrap()));
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            // Blocking work on the runtime's only thread, as a large reconciliation would be.
+            tokio::spawn(async { std::thread::sleep(Duration::from_millis(800)) })
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            watcher.abort();
+        });
+        let reports: Vec<Duration> = rx.try_iter().collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(
+            reports[0] >= Duration::from_millis(600) && reports[0] < Duration::from_millis(1500),
+            "{reports:?}"
+        );
+    }
 }
