@@ -1271,6 +1271,210 @@ mod tests {
         ]
     }
 
+    // ---- The fast validation path against the checked one ----
+    //
+    // Both decoders take `*_fast` first and fall back on `*_checked`, which builds the errors;
+    // were the fast path to accept what the checked one refuses, neither decoder would notice.
+    // Values cluster at the edges of each rule so that both paths see every branch.
+
+    fn edge_u32() -> impl Strategy<Value = u32> {
+        prop::sample::select(vec![0u32, 1, 7, 255, 256, 65_535, 65_536, u32::MAX])
+    }
+
+    fn edge_addr() -> impl Strategy<Value = (Vec<u8>, Option<u32>)> {
+        (
+            prop::sample::select(vec![0usize, 3, 4, 16]),
+            prop::option::of(any::<u32>()),
+            any::<u8>(),
+        )
+            .prop_map(|(len, v4, fill)| (vec![fill; len], v4))
+    }
+
+    #[derive(Debug, Clone)]
+    struct OwnedTuple {
+        src: (Vec<u8>, Option<u32>),
+        dst: (Vec<u8>, Option<u32>),
+        proto: u32,
+        ports: [u32; 5],
+    }
+
+    impl OwnedTuple {
+        fn view(&self) -> TupleFields<'_> {
+            TupleFields {
+                src: &self.src.0,
+                dst: &self.dst.0,
+                proto: self.proto,
+                src_port: self.ports[0],
+                dst_port: self.ports[1],
+                icmp_id: self.ports[2],
+                icmp_type: self.ports[3],
+                icmp_code: self.ports[4],
+                src_v4: self.src.1,
+                dst_v4: self.dst.1,
+            }
+        }
+    }
+
+    fn edge_tuple() -> impl Strategy<Value = OwnedTuple> {
+        (
+            edge_addr(),
+            edge_addr(),
+            prop::sample::select(vec![0u32, 1, 6, 17, 33, 47, 58, 132, 136, 256]),
+            prop::array::uniform5(prop_oneof![3 => Just(0u32), 2 => edge_u32()]),
+        )
+            .prop_map(|(src, dst, proto, ports)| OwnedTuple {
+                src,
+                dst,
+                proto,
+                ports,
+            })
+    }
+
+    /// Mostly valid tuples (so that flows get past them to their own rules), some edge ones.
+    fn mostly_valid_tuple() -> impl Strategy<Value = OwnedTuple> {
+        let addr = |a: IpAddr| match a {
+            IpAddr::V4(a) => (Vec::new(), Some(a.to_bits())),
+            IpAddr::V6(a) => (a.octets().to_vec(), None),
+        };
+        prop_oneof![
+            4 => arb_tuple().prop_map(move |t| {
+                let ports = match t.l4 {
+                    L4::Ports { src, dst } => [src.into(), dst.into(), 0, 0, 0],
+                    L4::Icmp { id, kind, code } => [0, 0, id.into(), kind.into(), code.into()],
+                    L4::None => [0; 5],
+                };
+                OwnedTuple {
+                    src: addr(t.src),
+                    dst: addr(t.dst),
+                    proto: t.proto.into(),
+                    ports,
+                }
+            }),
+            1 => edge_tuple(),
+        ]
+    }
+
+    fn edge_protoinfo() -> impl Strategy<Value = ProtoinfoFields> {
+        prop_oneof![
+            prop::array::uniform5(edge_u32()).prop_map(|v| ProtoinfoFields::Tcp {
+                state: v[0],
+                wscale_orig: v[1],
+                wscale_reply: v[2],
+                flags_orig: v[3],
+                flags_reply: v[4],
+            }),
+            (edge_u32(), any::<u32>(), any::<u32>()).prop_map(|(state, a, b)| {
+                ProtoinfoFields::Sctp {
+                    state,
+                    vtag_orig: a,
+                    vtag_reply: b,
+                }
+            }),
+            (edge_u32(), edge_u32(), any::<u64>()).prop_map(|(state, role, seq)| {
+                ProtoinfoFields::Dccp {
+                    state,
+                    role,
+                    handshake_seq: seq,
+                }
+            }),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct OwnedFlow {
+        key: Option<(u32, i32, Option<OwnedTuple>)>,
+        reply: Option<OwnedTuple>,
+        scalars: [u32; 3],
+        labels: Vec<u8>,
+        protoinfo: Option<ProtoinfoFields>,
+        helper: Option<String>,
+        master: Option<OwnedTuple>,
+        seq_adj: Option<(bool, bool)>,
+    }
+
+    impl OwnedFlow {
+        fn key_view(&self) -> Option<KeyFields<'_>> {
+            self.key.as_ref().map(|(zone, dir, orig)| KeyFields {
+                zone: *zone,
+                zone_dir: *dir,
+                orig: orig.as_ref().map(OwnedTuple::view),
+            })
+        }
+
+        fn view(&self) -> FlowFields<'_> {
+            let dir = SeqAdjDir {
+                correction_pos: 1,
+                offset_before: 2,
+                offset_after: 3,
+            };
+            FlowFields {
+                key: self.key_view(),
+                reply: self.reply.as_ref().map(OwnedTuple::view),
+                status: self.scalars[0],
+                timeout: self.scalars[1],
+                mark: self.scalars[2],
+                labels: &self.labels,
+                protoinfo: self.protoinfo,
+                helper: self.helper.as_deref(),
+                master: self.master.as_ref().map(OwnedTuple::view),
+                seq_adj: self.seq_adj.map(|(o, r)| SeqAdjFields {
+                    orig: o.then_some(dir),
+                    reply: r.then_some(dir),
+                }),
+                synproxy: None,
+            }
+        }
+    }
+
+    fn edge_flow() -> impl Strategy<Value = OwnedFlow> {
+        (
+            prop::option::weighted(
+                0.9,
+                (
+                    prop_oneof![3 => Just(0u32), 1 => edge_u32()],
+                    -1i32..4,
+                    prop::option::weighted(0.95, mostly_valid_tuple()),
+                ),
+            ),
+            prop::option::weighted(0.95, mostly_valid_tuple()),
+            prop::array::uniform3(any::<u32>()),
+            prop::sample::select(vec![0usize, 5, 16, 17]).prop_map(|n| vec![0xa5; n]),
+            prop::option::of(edge_protoinfo()),
+            prop::option::of("[a-z\\x00]{0,17}"),
+            prop::option::weighted(0.2, mostly_valid_tuple()),
+            prop::option::weighted(0.2, (any::<bool>(), any::<bool>())),
+        )
+            .prop_map(
+                |(key, reply, scalars, labels, protoinfo, helper, master, seq_adj)| OwnedFlow {
+                    key,
+                    reply,
+                    scalars,
+                    labels,
+                    protoinfo,
+                    helper,
+                    master,
+                    seq_adj,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn fast_and_checked_tuple_validation_agree(t in edge_tuple()) {
+            prop_assert_eq!(tuple_fast(&t.view()), tuple_checked(&t.view()).ok());
+        }
+
+        #[test]
+        fn fast_and_checked_flow_validation_agree(f in edge_flow()) {
+            if let Some(k) = f.key_view() {
+                prop_assert_eq!(key_fast(&k), key_checked(&k).ok());
+            }
+            prop_assert_eq!(flow_fast(&f.view()), flow_checked(&f.view()).ok());
+        }
+    }
+
     proptest! {
         #[test]
         fn message_round_trips_through_bytes(msg in arb_message()) {
