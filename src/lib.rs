@@ -31,6 +31,8 @@ pub mod process;
 pub mod replication;
 pub mod slab;
 pub mod sync;
+#[cfg(test)]
+mod test_rng;
 pub mod transport;
 pub mod wire;
 

@@ -8,21 +8,8 @@ use crate::flow::{proto, Flow, Tuple, Zone, L4};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// A tiny deterministic PRNG (xorshift), so that every run of a test sees the same network.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-}
+// Deterministic, so that every run of a test sees the same network.
+use crate::test_rng::Rng;
 
 struct Node {
     engine: Engine,

@@ -1162,21 +1162,8 @@ mod tests {
         v
     }
 
-    /// A small deterministic generator for the restructuring below (the seed comes from
-    /// proptest, so failures shrink and replay).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    // The restructuring below is seeded from proptest, so failures shrink and replay.
+    use crate::test_rng::Rng;
 
     fn put_field(out: &mut Vec<u8>, tag: u32, wire_type: u8, value: &[u8]) {
         put_varint(out, u64::from(tag << 3 | u32::from(wire_type)));
