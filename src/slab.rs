@@ -7,9 +7,14 @@
 //! the new table.
 //!
 //! [`KeyedSlab`] instead keeps the values densely in fixed-size chunks and indexes them with a
-//! hash table of 4-byte slot numbers. Empty buckets then cost 5 bytes instead of ~200, growing
-//! never copies the values (a new chunk is added), and removal moves the last value into the
-//! hole so the storage stays dense and chunks are released as the store shrinks.
+//! hash table of slot numbers (8 bytes with 32 bits of the key's hash). Empty buckets then cost
+//! 9 bytes instead of ~200, growing never copies the values (a new chunk is added), and removal
+//! moves the last value into the hole so the storage stays dense and chunks are released as the
+//! store shrinks.
+//!
+//! Each slot also keeps its key's 32-bit hash (4 bytes per value, in an array beside the
+//! values): moving the last value into a hole must find that value's index entry, and rehashing
+//! its key for that was a measurable part of every removal.
 
 use crate::flow::{Flow, FlowKey};
 use hashbrown::hash_table::{Entry as IndexEntry, HashTable, VacantEntry as IndexVacant};
@@ -36,21 +41,48 @@ pub const DEFAULT_CHUNK: usize = 1024;
 
 /// A map from [`FlowKey`] to values keyed by it, stored densely in chunks of `CHUNK` values.
 ///
-/// Slot `i` lives at `chunks[i / CHUNK][i % CHUNK]`; slots `0..len` are all occupied. The index
-/// hashes keys with [`DefaultHashBuilder`] (foldhash, randomly seeded per store), so that peers
-/// cannot choose keys that collide. Iteration order is unspecified and changes on removal.
+/// Slot `i` lives at `chunks[i / CHUNK].values[i % CHUNK]`; slots `0..len` are all occupied.
+/// The index hashes keys with [`DefaultHashBuilder`] (foldhash, randomly seeded per store), so
+/// that peers cannot choose keys that collide. Iteration order is unspecified and changes on
+/// removal.
 ///
 /// Capacity is bounded by `u32` slot numbers (4 billion values, far beyond any conntrack table
 /// that fits in memory).
 pub struct KeyedSlab<T, const CHUNK: usize = DEFAULT_CHUNK> {
     /// Value storage; every chunk is allocated with room for exactly `CHUNK` values, so pushing
     /// never reallocates. At most one chunk past the last occupied one is kept (a spare).
-    chunks: Vec<Vec<T>>,
+    chunks: Vec<Chunk<T>>,
     /// Slot numbers with their key's hash: growing the index rehashes from the stored hash,
     /// without reading every value (a cache miss each, which was most of a rehash).
     index: HashTable<Ix>,
     hasher: DefaultHashBuilder,
     len: usize,
+}
+
+/// `CHUNK` slots: the values and, in lock-step (same length), their keys' hashes.
+///
+/// The hashes are a separate array rather than a field beside each value: a `(u32, T)` would
+/// cost the value's alignment (8 bytes for a flow) instead of 4.
+struct Chunk<T> {
+    values: Vec<T>,
+    hashes: Vec<u32>,
+}
+
+impl<T> Chunk<T> {
+    fn with_capacity(n: usize) -> Self {
+        Chunk {
+            values: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.values.capacity() * size_of::<T>() + self.hashes.capacity() * size_of::<u32>()
+    }
 }
 
 /// An index entry: a slot number and 32 bits of its key's hash.
@@ -84,7 +116,7 @@ pub enum Entry<'a, T, const CHUNK: usize = DEFAULT_CHUNK> {
 pub struct VacantEntry<'a, T, const CHUNK: usize = DEFAULT_CHUNK> {
     entry: IndexVacant<'a, Ix>,
     hash: u32,
-    chunks: &'a mut Vec<Vec<T>>,
+    chunks: &'a mut Vec<Chunk<T>>,
     len: &'a mut usize,
 }
 
@@ -109,8 +141,9 @@ impl<T: Clone, const CHUNK: usize> Clone for KeyedSlab<T, CHUNK> {
             .iter()
             .filter(|c| !c.is_empty())
             .map(|c| {
-                let mut copy = Vec::with_capacity(CHUNK);
-                copy.extend(c.iter().cloned());
+                let mut copy = Chunk::with_capacity(CHUNK);
+                copy.values.extend(c.values.iter().cloned());
+                copy.hashes.extend_from_slice(&c.hashes);
                 copy
             })
             .collect();
@@ -125,18 +158,25 @@ impl<T: Clone, const CHUNK: usize> Clone for KeyedSlab<T, CHUNK> {
 
 impl<T: fmt::Debug, const CHUNK: usize> fmt::Debug for KeyedSlab<T, CHUNK> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.chunks.iter().flatten()).finish()
+        f.debug_set()
+            .entries(self.chunks.iter().flat_map(|c| &c.values))
+            .finish()
     }
 }
 
 /// The value in `slot` (which must be below the store's length).
-fn at<T, const CHUNK: usize>(chunks: &[Vec<T>], slot: usize) -> &T {
-    &chunks[slot / CHUNK][slot % CHUNK]
+fn at<T, const CHUNK: usize>(chunks: &[Chunk<T>], slot: usize) -> &T {
+    &chunks[slot / CHUNK].values[slot % CHUNK]
 }
 
 /// The value in `slot`, mutably (which must be below the store's length).
-fn at_mut<T, const CHUNK: usize>(chunks: &mut [Vec<T>], slot: usize) -> &mut T {
-    &mut chunks[slot / CHUNK][slot % CHUNK]
+fn at_mut<T, const CHUNK: usize>(chunks: &mut [Chunk<T>], slot: usize) -> &mut T {
+    &mut chunks[slot / CHUNK].values[slot % CHUNK]
+}
+
+/// The key hash stored for `slot` (which must be below the store's length).
+fn hash_at<T, const CHUNK: usize>(chunks: &[Chunk<T>], slot: usize) -> u32 {
+    chunks[slot / CHUNK].hashes[slot % CHUNK]
 }
 
 /// The slot number of the value about to be appended to a store of `len` values.
@@ -144,16 +184,22 @@ fn next_slot(len: usize) -> u32 {
     u32::try_from(len).expect("KeyedSlab holds at most u32::MAX values")
 }
 
-/// Appends `value` at slot `len`, adding a chunk when the last one is full.
-fn push<T, const CHUNK: usize>(chunks: &mut Vec<Vec<T>>, len: usize, value: T) -> &mut T {
+/// Appends `value` with its key's hash at slot `len`, adding a chunk when the last one is full.
+fn push<T, const CHUNK: usize>(
+    chunks: &mut Vec<Chunk<T>>,
+    len: usize,
+    hash: u32,
+    value: T,
+) -> &mut T {
     let c = len / CHUNK;
     if c == chunks.len() {
-        chunks.push(Vec::with_capacity(CHUNK));
+        chunks.push(Chunk::with_capacity(CHUNK));
     }
     let chunk = &mut chunks[c];
-    chunk.push(value);
-    let last = chunk.len() - 1;
-    &mut chunk[last]
+    chunk.hashes.push(hash);
+    chunk.values.push(value);
+    let last = chunk.values.len() - 1;
+    &mut chunk.values[last]
 }
 
 impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
@@ -164,6 +210,13 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
 
     fn hash(&self, key: &FlowKey) -> u32 {
         hash32(&self.hasher, key)
+    }
+
+    /// The hash this store files `key` under, for the `*_hashed` methods: a caller that also
+    /// files the key elsewhere (under the same hash) then hashes it once. Stable for the life
+    /// of the store, [`KeyedSlab::clear`] included; clones share it.
+    pub fn hash_key(&self, key: &FlowKey) -> u32 {
+        self.hash(key)
     }
 
     /// Number of values.
@@ -208,11 +261,18 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
     /// read-modify-or-insert.
     pub fn entry(&mut self, key: &FlowKey) -> Entry<'_, T, CHUNK> {
         let h = self.hash(key);
+        self.entry_hashed(key, h)
+    }
+
+    /// [`KeyedSlab::entry`] with the key's hash already known: `h` must be
+    /// [`KeyedSlab::hash_key`] of `key` (else the key is filed where it cannot be found).
+    pub fn entry_hashed(&mut self, key: &FlowKey, h: u32) -> Entry<'_, T, CHUNK> {
+        debug_assert_eq!(h, self.hash(key), "KeyedSlab: hash of another store");
         let KeyedSlab {
             chunks, index, len, ..
         } = self;
         let found = {
-            let view: &[Vec<T>] = chunks;
+            let view: &[Chunk<T>] = chunks;
             index.entry(
                 spread(h),
                 |ix| ix.hash == h && at::<T, CHUNK>(view, ix.slot as usize).key() == key,
@@ -253,6 +313,18 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
     /// hash and one probe.
     pub fn remove_if(&mut self, key: &FlowKey, pred: impl FnOnce(&T) -> bool) -> Option<T> {
         let h = self.hash(key);
+        self.remove_if_hashed(key, h, pred)
+    }
+
+    /// [`KeyedSlab::remove_if`] with the key's hash already known: `h` must be
+    /// [`KeyedSlab::hash_key`] of `key` (else nothing is found).
+    pub fn remove_if_hashed(
+        &mut self,
+        key: &FlowKey,
+        h: u32,
+        pred: impl FnOnce(&T) -> bool,
+    ) -> Option<T> {
+        debug_assert_eq!(h, self.hash(key), "KeyedSlab: hash of another store");
         let chunks = &self.chunks;
         let e = self
             .index
@@ -271,31 +343,28 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
     /// value moves into the hole (its index entry follows it), then spare chunks are released.
     fn take_slot(&mut self, slot: usize) -> T {
         let last = self.len - 1;
-        if slot != last {
-            self.repoint(last, slot);
-        }
-        let moved = self.chunks[last / CHUNK]
+        let tail = &mut self.chunks[last / CHUNK];
+        let moved = tail
+            .values
             .pop()
             .expect("KeyedSlab: the last slot is occupied");
+        let moved_hash = tail.hashes.pop().expect("KeyedSlab: hashes match values");
         self.len = last;
         let out = if slot == last {
             moved
         } else {
-            std::mem::replace(at_mut::<T, CHUNK>(&mut self.chunks, slot), moved)
+            if let Some(ix) = self
+                .index
+                .find_mut(spread(moved_hash), |ix| ix.slot as usize == last)
+            {
+                ix.slot = slot as u32;
+            }
+            let chunk = &mut self.chunks[slot / CHUNK];
+            chunk.hashes[slot % CHUNK] = moved_hash;
+            std::mem::replace(&mut chunk.values[slot % CHUNK], moved)
         };
         self.release_spare();
         out
-    }
-
-    /// Makes the index entry of the value in slot `from` point to slot `to`.
-    fn repoint(&mut self, from: usize, to: usize) {
-        let h = self.hash(at::<T, CHUNK>(&self.chunks, from).key());
-        if let Some(ix) = self
-            .index
-            .find_mut(spread(h), |ix| ix.slot as usize == from)
-        {
-            ix.slot = to as u32;
-        }
     }
 
     /// Frees chunks beyond the one spare past the occupied ones, and shrinks the index once it
@@ -319,7 +388,7 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
                 continue;
             }
             // The slot now holds what was the last value: look at it again.
-            let h = self.hash(at::<T, CHUNK>(&self.chunks, slot).key());
+            let h = hash_at::<T, CHUNK>(&self.chunks, slot);
             if let Ok(e) = self
                 .index
                 .find_entry(spread(h), |ix| ix.slot as usize == slot)
@@ -338,13 +407,13 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
 
     /// Iterates in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.chunks.iter().flatten()
+        self.chunks.iter().flat_map(|c| &c.values)
     }
 
     /// Iterates mutably in no particular order. The caller must not change keys (see
     /// [`KeyedSlab::get_mut`]).
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.chunks.iter_mut().flatten()
+        self.chunks.iter_mut().flat_map(|c| &mut c.values)
     }
 
     /// Removes every value and frees all storage (the hasher seed stays).
@@ -354,15 +423,24 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
         self.len = 0;
     }
 
-    /// Heap bytes of the store itself: chunks, chunk list and index. What the values own
-    /// (boxed attributes) is theirs to count.
+    /// Heap bytes of the store itself: chunks (values and their hashes), chunk list and index.
+    /// What the values own (boxed attributes) is theirs to count.
     pub fn heap_bytes(&self) -> usize {
-        let values: usize = self
-            .chunks
-            .iter()
-            .map(|c| c.capacity() * size_of::<T>())
-            .sum();
-        values + self.chunks.capacity() * size_of::<Vec<T>>() + self.index.allocation_size()
+        let chunks: usize = self.chunks.iter().map(Chunk::heap_bytes).sum();
+        chunks + self.chunks.capacity() * size_of::<Chunk<T>>() + self.index.allocation_size()
+    }
+
+    /// Panics unless every slot holds its key's hash and the index finds each key at its slot.
+    #[cfg(test)]
+    fn check(&self) {
+        assert_eq!(self.index.len(), self.len);
+        assert_eq!(self.iter().count(), self.len);
+        assert!(self.chunks.iter().all(|c| c.hashes.len() == c.values.len()));
+        for slot in 0..self.len {
+            let key = at::<T, CHUNK>(&self.chunks, slot).key();
+            assert_eq!(hash_at::<T, CHUNK>(&self.chunks, slot), self.hash(key));
+            assert_eq!(self.find(key), Some(slot));
+        }
     }
 }
 
@@ -374,7 +452,7 @@ impl<'a, T: Keyed, const CHUNK: usize> VacantEntry<'a, T, CHUNK> {
             slot,
             hash: self.hash,
         });
-        let stored = push::<T, CHUNK>(self.chunks, *self.len, value);
+        let stored = push::<T, CHUNK>(self.chunks, *self.len, self.hash, value);
         *self.len += 1;
         stored
     }
@@ -506,7 +584,8 @@ mod tests {
             s.insert(item(p, 0));
         }
         let full = s.heap_bytes();
-        let values = 10_000 * size_of::<Item>();
+        // Each value with its key's hash.
+        let values = 10_000 * (size_of::<Item>() + size_of::<u32>());
         assert!(full >= values && full < values * 2, "{full} for {values}");
         for p in 0..9_000 {
             s.remove(&key(p));
@@ -540,12 +619,53 @@ mod tests {
         assert_eq!(size_of::<Option<Flow>>(), size_of::<Flow>());
     }
 
+    #[test]
+    fn hashed_variants_match_the_plain_ones() {
+        let mut s = Small::new();
+        for p in 0..10 {
+            let h = s.hash_key(&key(p));
+            match s.entry_hashed(&key(p), h) {
+                Entry::Vacant(e) => e.insert(item(p, p.into())),
+                Entry::Occupied(_) => unreachable!("port {p} inserted twice"),
+            };
+        }
+        let h = s.hash_key(&key(2));
+        assert_eq!(s.remove_if_hashed(&key(2), h, |i| i.val == 7), None);
+        assert_eq!(s.remove_if_hashed(&key(2), h, |_| true), Some(item(2, 2)));
+        // The hash survives clearing: callers may keep hashes filed elsewhere.
+        let before = s.hash_key(&key(3));
+        s.clear();
+        assert_eq!(s.hash_key(&key(3)), before);
+        assert_eq!(s.clone().hash_key(&key(3)), before);
+        s.check();
+    }
+
+    #[test]
+    fn clone_keeps_hashes_for_later_removals() {
+        let mut s = Small::new();
+        for p in 0..11 {
+            s.insert(item(p, p.into()));
+        }
+        let mut c = s.clone();
+        c.check();
+        // Every removal but the last moves a value, whose stored hash must have been copied.
+        for p in 0..11 {
+            assert_eq!(c.remove(&key(p)).map(|i| i.val), Some(p.into()));
+            c.check();
+        }
+        assert_eq!(s.len(), 11);
+        s.check();
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Insert(u16, u32),
         Remove(u16),
+        /// Removes through the hash-reusing variant if the value is a multiple.
+        RemoveIf(u16, u32),
         Update(u16, u32),
         Retain(u32),
+        Clone,
         Clear,
     }
 
@@ -553,8 +673,10 @@ mod tests {
         prop_oneof![
             6 => (0..64u16, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
             4 => (0..64u16).prop_map(Op::Remove),
+            2 => (0..64u16, 1..3u32).prop_map(|(k, m)| Op::RemoveIf(k, m)),
             2 => (0..64u16, any::<u32>()).prop_map(|(k, v)| Op::Update(k, v)),
             1 => (2..5u32).prop_map(Op::Retain),
+            1 => Just(Op::Clone),
             1 => Just(Op::Clear),
         ]
     }
@@ -569,6 +691,13 @@ mod tests {
                 let old = s.remove(&key(k)).map(|i| i.val);
                 assert_eq!(old, model.remove(&key(k)));
             }
+            Op::RemoveIf(k, m) => {
+                let h = s.hash_key(&key(k));
+                let old = s.remove_if_hashed(&key(k), h, |i| i.val % m == 0);
+                let want = model.get(&key(k)).is_some_and(|v| v % m == 0);
+                let want = if want { model.remove(&key(k)) } else { None };
+                assert_eq!(old.map(|i| i.val), want);
+            }
             Op::Update(k, v) => {
                 if let Some(i) = s.get_mut(&key(k)) {
                     i.val = v;
@@ -581,6 +710,7 @@ mod tests {
                 s.retain(|i| i.val % m != 0);
                 model.retain(|_, v| *v % m != 0);
             }
+            Op::Clone => *s = s.clone(),
             Op::Clear => {
                 s.clear();
                 model.clear();
@@ -596,6 +726,7 @@ mod tests {
             for op in &ops {
                 apply(&mut s, &mut model, op);
                 prop_assert_eq!(s.len(), model.len());
+                s.check();
             }
             for k in 0..64 {
                 prop_assert_eq!(s.get(&key(k)).map(|i| i.val), model.get(&key(k)).copied());

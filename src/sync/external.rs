@@ -5,9 +5,9 @@
 
 use super::message::Batch;
 use crate::flow::{Flow, FlowKey};
-use crate::slab::{Entry, Keyed, KeyedSlab};
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::mem::size_of;
+use crate::slab::{spread, Entry, Keyed, KeyedSlab};
+use hashbrown::hash_table::{Entry as TombEntry, HashTable};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 /// A flow learnt from a peer.
@@ -37,7 +37,8 @@ impl Keyed for ExternalFlow {
     }
 }
 
-/// Bound on remembered deletions per origin (they only guard against reordered old updates).
+/// Bound on remembered deletions per origin (they only guard against reordered old updates):
+/// see [`Tombstones`] for what is guaranteed.
 const TOMBSTONES: usize = 65_536;
 /// Bound on out-of-order sequence numbers remembered per origin.
 const SEQ_WINDOW: usize = 4096;
@@ -48,10 +49,9 @@ pub struct OriginCache {
     epoch: u64,
     /// Dense chunks plus an index of slot numbers: no empty bucket costs a whole flow.
     flows: KeyedSlab<ExternalFlow>,
-    /// Deleted keys and the version that deleted them; foldhash, randomly seeded (keys come
-    /// from a peer, so the hash must stay unpredictable).
-    tombstones: hashbrown::HashMap<FlowKey, u64>,
-    tombstone_order: VecDeque<FlowKey>,
+    /// Recently deleted keys, filed under the flows' hash (randomly seeded: keys come from a
+    /// peer, so the hash must stay unpredictable).
+    tombstones: Tombstones,
     /// Every sequence up to this one has been applied.
     contiguous: u64,
     /// Applied sequences above `contiguous`.
@@ -72,6 +72,73 @@ pub enum Applied {
     Duplicate,
     /// From another epoch of the origin: ignore, do not acknowledge.
     StaleEpoch,
+}
+
+/// Keys the origin deleted recently, with the newest version that deleted each: an update it
+/// sent before a deletion but that arrived after it must not resurrect the flow.
+///
+/// Two generations of at most `TOMBSTONES / 2` keys each: deletions go into `young`, and once
+/// it is full the next deletion first drops `old` and makes `young` the old one. A deletion is
+/// thus remembered until deletions of at least `TOMBSTONES / 2` other distinct keys followed it
+/// (and at most `TOMBSTONES` keys are held). Forgetting a whole generation at once leaves one
+/// probe per deletion, where a map with a queue of its keys in deletion order took two hashes
+/// and two probes past the bound (the key in, the oldest one out) and a queued copy of each key.
+///
+/// Keys are filed under [`KeyedSlab::hash_key`] of the origin's flows, so that a deletion
+/// hashes its key once for both stores.
+#[derive(Debug, Default)]
+struct Tombstones {
+    young: HashTable<(FlowKey, u64)>,
+    old: HashTable<(FlowKey, u64)>,
+}
+
+impl Tombstones {
+    /// The newest remembered version that deleted `key`, whose hash is `h`.
+    fn get(&self, key: &FlowKey, h: u32) -> Option<u64> {
+        let find = |t: &HashTable<(FlowKey, u64)>| {
+            if t.is_empty() {
+                return None;
+            }
+            t.find(spread(h), |(k, _)| k == key).map(|&(_, v)| v)
+        };
+        // Both: an older deletion arriving late may sit in `young` with the newer one in `old`.
+        match (find(&self.young), find(&self.old)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Remembers that `version` deleted `key` (hash `h`); `rehash` gives the hash of any key
+    /// (the table keeps none, they would make each entry 8 bytes bigger).
+    fn insert(&mut self, key: &FlowKey, h: u32, version: u64, rehash: impl Fn(&FlowKey) -> u32) {
+        if self.young.len() >= TOMBSTONES / 2 {
+            // The old generation's allocation is reused: its size is the one needed.
+            std::mem::swap(&mut self.young, &mut self.old);
+            self.young.clear();
+        }
+        match self
+            .young
+            .entry(spread(h), |(k, _)| k == key, |(k, _)| spread(rehash(k)))
+        {
+            TombEntry::Occupied(mut e) => {
+                let v = &mut e.get_mut().1;
+                *v = (*v).max(version);
+            }
+            TombEntry::Vacant(e) => {
+                e.insert((*key, version));
+            }
+        }
+    }
+
+    /// Forgets every deletion (keeps the allocations for the next ones).
+    fn clear(&mut self) {
+        self.young.clear();
+        self.old.clear();
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.young.allocation_size() + self.old.allocation_size()
+    }
 }
 
 impl OriginCache {
@@ -125,7 +192,6 @@ impl OriginCache {
                 f.version = 0;
             }
             self.tombstones.clear();
-            self.tombstone_order.clear();
         }
     }
 
@@ -175,16 +241,17 @@ impl OriginCache {
     }
 
     fn upsert(&mut self, version: u64, flow: &Flow, now: Duration) {
+        let h = self.flows.hash_key(&flow.key);
         if self
             .tombstones
-            .get(&flow.key)
-            .is_some_and(|v| *v >= version)
+            .get(&flow.key, h)
+            .is_some_and(|v| v >= version)
         {
             return;
         }
         let mut changed = true;
         let generation = self.generation;
-        match self.flows.entry(&flow.key) {
+        match self.flows.entry_hashed(&flow.key, h) {
             Entry::Occupied(cur) => {
                 // The origin still has the flow, whatever the version: confirmed by a snapshot.
                 cur.generation = generation;
@@ -211,21 +278,17 @@ impl OriginCache {
     }
 
     fn delete(&mut self, version: u64, key: &FlowKey) {
+        let h = self.flows.hash_key(key);
         if self
             .flows
-            .remove_if(key, |f| f.version <= version)
+            .remove_if_hashed(key, h, |f| f.version <= version)
             .is_some()
         {
             self.logged(*key, true);
         }
-        if self.tombstones.insert(*key, version).is_none() {
-            self.tombstone_order.push_back(*key);
-            if self.tombstone_order.len() > TOMBSTONES {
-                if let Some(old) = self.tombstone_order.pop_front() {
-                    self.tombstones.remove(&old);
-                }
-            }
-        }
+        let flows = &self.flows;
+        self.tombstones
+            .insert(key, h, version, |k| flows.hash_key(k));
     }
 
     /// A snapshot begins: from now on, flows not re-sent before its end are gone at the origin.
@@ -274,10 +337,7 @@ impl OriginCache {
             .iter()
             .map(|f| crate::cache::boxed_bytes(&f.flow))
             .sum();
-        self.flows.heap_bytes()
-            + boxed
-            + self.tombstones.allocation_size()
-            + self.tombstone_order.capacity() * size_of::<FlowKey>()
+        self.flows.heap_bytes() + boxed + self.tombstones.heap_bytes()
     }
 }
 
@@ -366,6 +426,7 @@ impl ExternalCache {
 mod tests {
     use super::*;
     use crate::flow::{proto, Tuple, Zone, L4};
+    use std::mem::size_of;
 
     fn flow(port: u16, mark: u32) -> Flow {
         let t = Tuple {
@@ -475,6 +536,108 @@ mod tests {
         // The stale version-1 update of flow 1 changed nothing and is not listed.
         assert_eq!(summary, vec![(1, false), (2, false), (2, true)]);
         assert!(ext.take_changes().is_empty());
+    }
+
+    /// The `i`th of many distinct keys (more than the ports of one address), none equal to a
+    /// key of [`flow`].
+    fn nth_key(i: usize) -> FlowKey {
+        let mut k = flow(0, 0).key;
+        k.orig.src = std::net::Ipv4Addr::from(0x0b00_0000 | u32::try_from(i).unwrap()).into();
+        k
+    }
+
+    /// Deletes `n` distinct keys nobody else uses, starting at the `from`th, in batch `seq`.
+    fn delete_others(c: &mut OriginCache, seq: u64, from: usize, n: usize) {
+        let deletes = (from..from + n).map(|i| (1, nth_key(i))).collect();
+        assert_eq!(
+            c.apply_batch(&batch(seq, vec![], deletes), Duration::ZERO),
+            Applied::Applied
+        );
+    }
+
+    #[test]
+    fn a_deletion_outlives_half_the_bound_of_later_ones() {
+        let half = TOMBSTONES / 2;
+        let t = Duration::ZERO;
+        let f = flow(1, 0);
+        // The deletion lands first in, or last in, a generation.
+        for before in [0, half - 1] {
+            let mut c = cache();
+            delete_others(&mut c, 1, 0, before);
+            c.apply_batch(&batch(2, vec![(1, f.clone())], vec![(10, f.key)]), t);
+            assert!(c.is_empty());
+            delete_others(&mut c, 3, before, half);
+            // An update the origin sent before deleting the flow, arriving late: ignored.
+            c.apply_batch(&batch(4, vec![(9, f.clone())], vec![]), t);
+            assert!(
+                c.is_empty(),
+                "resurrected after {before} + {half} deletions"
+            );
+            // Forgotten by `TOMBSTONES` later deletions at most, so that memory stays bounded:
+            // the same stale update is then taken.
+            delete_others(&mut c, 5, before + half, half);
+            c.apply_batch(&batch(6, vec![(9, f.clone())], vec![]), t);
+            assert_eq!(
+                c.len(),
+                1,
+                "remembered after {before} + {TOMBSTONES} deletions"
+            );
+        }
+    }
+
+    #[test]
+    fn the_newest_deletion_of_a_key_is_the_one_remembered() {
+        let t = Duration::ZERO;
+        let f = flow(1, 0);
+        let mut c = cache();
+        // Deleted at 5, then a late deletion from 3 arrives: updates up to 5 stay ignored.
+        c.apply_batch(&batch(1, vec![], vec![(5, f.key), (3, f.key)]), t);
+        c.apply_batch(&batch(2, vec![(4, f.clone())], vec![]), t);
+        assert!(c.is_empty());
+        // Likewise with the newer deletion in the old generation and the late one in the young.
+        delete_others(&mut c, 3, 0, TOMBSTONES / 2);
+        c.apply_batch(&batch(4, vec![], vec![(3, f.key)]), t);
+        c.apply_batch(&batch(5, vec![(4, f.clone())], vec![]), t);
+        assert!(c.is_empty());
+        // A newer deletion replaces the older one.
+        c.apply_batch(&batch(6, vec![(6, f.clone())], vec![]), t);
+        assert_eq!(c.len(), 1);
+        c.apply_batch(&batch(7, vec![], vec![(8, f.key)]), t);
+        c.apply_batch(&batch(8, vec![(7, f.clone())], vec![]), t);
+        assert!(c.is_empty());
+        c.apply_batch(&batch(9, vec![(9, f.clone())], vec![]), t);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn a_new_epoch_forgets_deletions() {
+        let t = Duration::ZERO;
+        let f = flow(1, 0);
+        let mut c = cache();
+        c.apply_batch(&batch(1, vec![], vec![(100, f.key)]), t);
+        c.set_epoch(8);
+        let mut b = batch(1, vec![(1, f.clone())], vec![]);
+        b.epoch = 8;
+        c.apply_batch(&b, t);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn heap_bytes_counts_tombstones_within_their_bound() {
+        let mut c = cache();
+        let empty = c.heap_bytes();
+        delete_others(&mut c, 1, 0, 1000);
+        let some = c.heap_bytes();
+        assert!(
+            some >= empty + 1000 * size_of::<(FlowKey, u64)>(),
+            "{some} bytes with 1000 tombstones, {empty} without"
+        );
+        delete_others(&mut c, 2, 1000, 2 * TOMBSTONES);
+        let full = c.heap_bytes();
+        assert!(full > some);
+        // Churning further reuses the same room.
+        delete_others(&mut c, 3, 1000 + 2 * TOMBSTONES, 2 * TOMBSTONES);
+        assert_eq!(c.heap_bytes(), full);
     }
 
     #[test]
