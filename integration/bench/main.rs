@@ -1156,6 +1156,8 @@ struct Intake {
     /// Time spent in `EventSource::next_batch` (receive and decode) and applying to the mirror.
     batch_secs: f64,
     apply_secs: f64,
+    /// CPU time of the reader thread over the whole intake (receive, decode, apply).
+    cpu_secs: f64,
 }
 
 /// The reader: applies every event to the mirror until `expected` events of kind `want` came,
@@ -1172,6 +1174,7 @@ fn intake(
         b.wait();
     }
     let mut r = Intake::default();
+    let cpu0 = rawnl::thread_cpu();
     let mut out = Vec::with_capacity(1024);
     let mut idle_since = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -1215,6 +1218,7 @@ fn intake(
         idle_since = now;
     }
     r.mirrored = mirror.table().len();
+    r.cpu_secs = rawnl::thread_cpu().saturating_sub(cpu0).as_secs_f64();
     Ok(r)
 }
 
@@ -1430,7 +1434,7 @@ fn bench_events(args: &Args, minimal: &[Flow], rep: &mut Report) -> Result<()> {
                     kind_name(kind).to_lowercase(),
                     buf.replace(' ', "")
                 );
-                let rows: [(&str, &str, &'static str, f64); 7] = [
+                let rows: [(&str, &str, &'static str, f64); 8] = [
                     (
                         "received",
                         "events received",
@@ -1468,6 +1472,12 @@ fn bench_events(args: &Args, minimal: &[Flow], rep: &mut Report) -> Result<()> {
                         p.wall_secs() * 1e3,
                     ),
                     ("lag_ms", "lag after the writers finished", "ms", p.lag_ms()),
+                    (
+                        "reader_cpu_us",
+                        "reader thread CPU per event (receive, decode, apply)",
+                        "us",
+                        p.intake.cpu_secs * 1e6 / p.intake.matched.max(1) as f64,
+                    ),
                 ];
                 for (key, label, unit, v) in rows {
                     series.push(&format!("{id}.{key}"), &format!("{what} {label}"), unit, v);

@@ -692,9 +692,13 @@ fn build_batch(
         ..Batch::default()
     };
     for (version, e) in entries {
-        match table.get(&e.key) {
-            Some(flow) if !e.deleted => batch.upserts.push((*version, flow.clone())),
-            _ => batch.deletes.push((*version, e.key)),
+        // A tombstone needs no lookup: its key is gone from the table (or back under a later
+        // version, which is sent in its own turn), and probing a big table for an absent key
+        // is a cache miss per deletion.
+        let flow = if e.deleted { None } else { table.get(&e.key) };
+        match flow {
+            Some(flow) => batch.upserts.push((*version, flow.clone())),
+            None => batch.deletes.push((*version, e.key)),
         }
     }
     batch
