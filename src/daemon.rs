@@ -396,7 +396,14 @@ impl State<'_> {
         Ok(())
     }
 
-    fn change(&mut self, change: crate::cache::Change) {
+    /// The replication engine's clock (zero while replication is not running: then changes
+    /// are only counted).
+    fn engine_now(&self) -> Duration {
+        self.repl.as_ref().map_or(Duration::ZERO, Replication::now)
+    }
+
+    /// `now`: the engine clock read once for the whole batch the change belongs to.
+    fn change(&mut self, change: crate::cache::Change, now: Duration) {
         let Some(r) = &mut self.repl else {
             self.changes += 1;
             return;
@@ -413,7 +420,7 @@ impl State<'_> {
             }
         }
         self.changes += 1;
-        r.local_change(&change, self.mirror.table());
+        r.local_change(&change, self.mirror.table(), now);
     }
 
     fn act(&mut self, action: MirrorAction) {
@@ -423,11 +430,12 @@ impl State<'_> {
     }
 
     fn events(&mut self, batch: Vec<KernelEvent>) {
+        let now = self.engine_now();
         for ev in batch {
             match ev {
                 KernelEvent::Flow { msg, own } => {
                     if let Some(change) = self.mirror.event(msg, own) {
-                        self.change(change);
+                        self.change(change, now);
                     }
                 }
                 KernelEvent::Overrun => {
@@ -452,8 +460,9 @@ impl State<'_> {
                 let n = flows.len();
                 let (changes, action) = self.mirror.dump_complete_table(flows);
                 let changed = changes.len();
+                let now = self.engine_now();
                 for change in changes {
-                    self.change(change);
+                    self.change(change, now);
                 }
                 if let Some(r) = &mut self.repl {
                     r.after_dump(self.mirror.table());

@@ -125,9 +125,10 @@ impl Replication {
         self.engine.resend_all(table, now);
     }
 
-    /// A change of the internal cache.
-    pub fn local_change(&mut self, change: &Change, table: &FlowTable) {
-        let now = self.now();
+    /// A change of the internal cache, at engine time `now` (from [`Replication::now`]; one
+    /// reading serves a whole batch of events: the index keeps whole seconds, and a clock read
+    /// per event was a measurable share of the event path).
+    pub fn local_change(&mut self, change: &Change, table: &FlowTable, now: Duration) {
         self.engine.local_change(change, table, now);
     }
 
