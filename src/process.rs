@@ -1,7 +1,9 @@
 //! CPU scheduling of the daemon: a real-time policy so that event intake and replication are
-//! not queued behind ordinary work (see [`crate::config::ProcessConfig`] for the measurements).
+//! not queued behind ordinary work, and one CPU for all threads so that what they hand each
+//! other stays in one cache (see [`crate::config::ProcessConfig`] and
+//! [`crate::config::CpuChoice`] for the measurements).
 
-use crate::config::{ProcessConfig, SchedPolicy};
+use crate::config::{CpuChoice, ProcessConfig, SchedPolicy, MAX_CPUS};
 use std::io;
 
 /// What [`apply`] did.
@@ -63,9 +65,115 @@ pub fn current() -> Option<(libc::c_int, libc::c_int)> {
     Some((policy, param.sched_priority))
 }
 
+/// Restricts the calling thread to the CPU `choice` names; returns that CPU (`None` for
+/// [`CpuChoice::Any`], which changes nothing). Call before any other thread starts: threads
+/// inherit the affinity of the thread that creates them.
+///
+/// Fails with `EINVAL` when the CPU is not among those this process may use (a cpuset, or
+/// systemd's `CPUAffinity=`, may have narrowed them).
+pub fn pin(choice: CpuChoice) -> io::Result<Option<usize>> {
+    let cpu = match choice {
+        CpuChoice::Any => return Ok(None),
+        CpuChoice::Cpu(n) => usize::from(n),
+        CpuChoice::Same => current_cpu()?,
+    };
+    if !allowed_cpus()?.contains(&cpu) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "CPU {cpu} is not among those this process may use ({:?})",
+                allowed_cpus()?
+            ),
+        ));
+    }
+    // SAFETY: an all-zero cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is an allowed CPU, so below the set's 1024 bits.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some(cpu))
+}
+
+/// The CPU the calling thread runs on now.
+fn current_cpu() -> io::Result<usize> {
+    // SAFETY: no arguments, no pointers.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).map_err(|_| io::Error::last_os_error())
+}
+
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is valid; the kernel fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid for writes of the size passed; pid 0 is this thread.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: CPU_ISSET reads within the set for every cpu < 1024.
+    Ok((0..MAX_CPUS)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_leaves_the_affinity_alone() {
+        std::thread::spawn(|| {
+            let before = allowed_cpus().unwrap();
+            assert_eq!(pin(CpuChoice::Any).unwrap(), None);
+            assert_eq!(allowed_cpus().unwrap(), before);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn same_pins_this_thread_and_the_threads_it_starts_to_one_cpu() {
+        std::thread::spawn(|| {
+            let allowed = allowed_cpus().unwrap();
+            let cpu = pin(CpuChoice::Same).unwrap().expect("a CPU");
+            assert!(allowed.contains(&cpu));
+            assert_eq!(allowed_cpus().unwrap(), vec![cpu]);
+            let child = std::thread::spawn(|| (allowed_cpus().unwrap(), current_cpu().unwrap()));
+            assert_eq!(child.join().unwrap(), (vec![cpu], cpu));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_named_cpu_is_used_or_refused_clearly() {
+        std::thread::spawn(|| {
+            let last = *allowed_cpus().unwrap().last().unwrap();
+            let n = u16::try_from(last).unwrap();
+            assert_eq!(pin(CpuChoice::Cpu(n)).unwrap(), Some(last));
+            assert_eq!(allowed_cpus().unwrap(), vec![last]);
+            // Now only `last` is allowed: any other CPU is refused, naming the allowed ones.
+            let other = if last == 0 { 1 } else { 0 };
+            let err = pin(CpuChoice::Cpu(other)).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            assert!(
+                err.to_string()
+                    .contains(&format!("CPU {other} is not among")),
+                "{err}"
+            );
+            assert_eq!(
+                allowed_cpus().unwrap(),
+                vec![last],
+                "unchanged after a refusal"
+            );
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn the_ordinary_policy_can_always_be_set() {
@@ -74,6 +182,7 @@ mod tests {
             let cfg = ProcessConfig {
                 scheduler: SchedPolicy::Other,
                 priority: 1,
+                cpu: CpuChoice::Any,
             };
             assert!(apply(&cfg).is_ok());
             assert_eq!(current(), Some((libc::SCHED_OTHER, 0)));
@@ -88,6 +197,7 @@ mod tests {
             let cfg = ProcessConfig {
                 scheduler: SchedPolicy::Rr,
                 priority: 1,
+                cpu: CpuChoice::Any,
             };
             if apply(&cfg).is_err() {
                 return; // no CAP_SYS_NICE: covered by the test below
@@ -105,6 +215,7 @@ mod tests {
             let cfg = ProcessConfig {
                 scheduler: SchedPolicy::Rr,
                 priority: 1,
+                cpu: CpuChoice::Any,
             };
             match apply(&cfg) {
                 Ok(_) => assert_eq!(current(), Some((libc::SCHED_RR, 1))),
