@@ -113,14 +113,14 @@ impl Default for ProcessConfig {
     }
 }
 
-/// `[process] cpu`: which CPU the daemon's threads may run on.
+/// `[process] cpu`: which CPU the daemon's event thread and state task run on (the kernel
+/// writer and the dump thread float: see [`crate::process::float_this_thread`]).
 ///
-/// The event thread hands every event to the state task, and the state task hands every write
-/// to a writer thread: on one core that data stays in the core's cache, on two it crosses
-/// between them for every flow. Measured with `ctsync-compare` on 2 cores at 250k flows, with
-/// every thread on one CPU: the source's event thread 0.67 -> 0.43 CPU seconds, the whole
-/// scenario -10 to -17%, replication and commit as fast (the kernel, not ctsyncd, sets their
-/// pace).
+/// The event thread hands every event to the state task: on one core that data stays in the
+/// core's cache, on two it crosses between them for every flow. Measured with
+/// `ctsync-compare` on 2 cores at 250k flows, with the daemons pinned to one CPU: the source's
+/// event thread 0.74-0.80 -> 0.46-0.52 CPU seconds, the whole scenario -12%, replication as
+/// fast (the kernel, not ctsyncd, sets its pace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub enum CpuChoice {
     /// All threads on the CPU the daemon starts on.

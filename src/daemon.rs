@@ -218,6 +218,9 @@ fn spawn_dumper(
     std::thread::Builder::new()
         .name("ctsync-dump".into())
         .spawn(move || {
+            if let Err(e) = crate::process::float_this_thread() {
+                tracing::debug!(error = %e, "dump thread stays on the daemon's CPU");
+            }
             for () in req_rx {
                 let t0 = Instant::now();
                 // Built here rather than on the state task: at millions of flows this is

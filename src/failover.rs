@@ -375,6 +375,9 @@ impl Failover {
         let (fresh, known) = mirror.own_creations(upserts);
         let tx = self.jobs_tx.clone();
         tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::process::float_this_thread() {
+                tracing::debug!(error = %e, "kernel writer stays on the daemon's CPU");
+            }
             let flows = fresh.len() + known.len() + deletes.len();
             let result = writer
                 .upsert_fresh(&fresh, &known)

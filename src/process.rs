@@ -5,6 +5,7 @@
 
 use crate::config::{CpuChoice, ProcessConfig, SchedPolicy, MAX_CPUS};
 use std::io;
+use std::sync::OnceLock;
 
 /// What [`apply`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,16 +87,44 @@ pub fn pin(choice: CpuChoice) -> io::Result<Option<usize>> {
             ),
         ));
     }
+    let before = allowed_cpus()?;
+    set_affinity(&[cpu])?;
+    let _ = UNPINNED.set(before);
+    Ok(Some(cpu))
+}
+
+/// The CPUs the process could use before [`pin`]: where [`float_this_thread`] sends a thread.
+static UNPINNED: OnceLock<Vec<usize>> = OnceLock::new();
+
+/// Lets the calling thread run on every CPU the process could use before [`pin`] (nothing
+/// changes when nothing was pinned).
+///
+/// For the threads that work on their own for long stretches and hand over little: a commit's
+/// kernel writer (a 16k-flow chunk is tens of milliseconds in the kernel, during which the state
+/// task shapes the next one) and the dump thread (it builds a whole table, then hands it over
+/// once). On the pinned CPU they would take turns with the state task instead: a 250k commit
+/// measured ~5% slower, and during a dump the state task would wait up to a real-time slice
+/// (100 ms) at a time.
+pub fn float_this_thread() -> io::Result<()> {
+    match UNPINNED.get() {
+        Some(cpus) if cpus.len() > 1 => set_affinity(cpus),
+        _ => Ok(()),
+    }
+}
+
+fn set_affinity(cpus: &[usize]) -> io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is an empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is an allowed CPU, so below the set's 1024 bits.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for &cpu in cpus.iter().filter(|&&c| c < MAX_CPUS) {
+        // SAFETY: `cpu` is below the set's 1024 bits.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(Some(cpu))
+    Ok(())
 }
 
 /// The CPU the calling thread runs on now.
@@ -144,6 +173,21 @@ mod tests {
             assert_eq!(allowed_cpus().unwrap(), vec![cpu]);
             let child = std::thread::spawn(|| (allowed_cpus().unwrap(), current_cpu().unwrap()));
             assert_eq!(child.join().unwrap(), (vec![cpu], cpu));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_floating_thread_gets_back_every_cpu_the_process_had() {
+        std::thread::spawn(|| {
+            let all = allowed_cpus().unwrap();
+            pin(CpuChoice::Same).unwrap();
+            let floating = std::thread::spawn(|| {
+                float_this_thread().unwrap();
+                allowed_cpus().unwrap()
+            });
+            assert_eq!(floating.join().unwrap(), all);
         })
         .join()
         .unwrap();

@@ -598,10 +598,14 @@ fn latency(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Sampl
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
+        // Stamped before the write, not after: a daemon woken by the creation events on this
+        // CPU (a real-time one preempts us) may carry them to B's kernel before the write
+        // returns, and a stamp taken then would show a latency of zero. Conservative by the
+        // kernel's time to create the chunk (tens of µs), for both daemons alike.
+        let before = Instant::now();
         let rep = w.upsert(chunk)?;
         ensure!(rep.failures.is_empty(), "A's kernel refused flows");
-        let now = Instant::now();
-        created_at.extend(chunk.iter().map(|f| (key(f), now)));
+        created_at.extend(chunk.iter().map(|f| (key(f), before)));
     }
     let sent_s = t0.elapsed().as_secs_f64();
     // Stragglers: wait until B's kernel holds them all, or 5 s.
