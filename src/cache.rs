@@ -378,7 +378,7 @@ fn diff(old: &FlowTable, new: &FlowTable) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::{proto, Tuple, Zone, L4};
+    use crate::flow::{proto, ProtoInfo, TcpInfo, Tuple, Zone, L4};
 
     fn flow(port: u16) -> Flow {
         let t = Tuple {
@@ -446,14 +446,23 @@ mod tests {
 
     #[test]
     fn reconciliation_reports_only_real_differences() {
+        let tcp = |flags| {
+            let mut f = flow(1);
+            f.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
+                flags_orig: flags,
+                ..TcpInfo::default()
+            }));
+            f
+        };
         let mut m = Mirror::new();
         m.start();
-        m.dump_complete(vec![flow(1), flow(2), flow(3)]);
+        m.dump_complete(vec![tcp(0), flow(2), flow(3)]);
         assert_eq!(m.overrun(), MirrorAction::StartDump);
         assert!(!m.is_synced());
         let mut changed = flow(2);
         changed.mark = 9;
-        let mut ticked = flow(1);
+        // Traffic since the last event flipped flag bits the kernel never reports by event.
+        let mut ticked = tcp(crate::flow::TCP_FLAGS_CHANGED_SILENTLY);
         ticked.timeout = 12;
         let (changes, _) = m.dump_complete(vec![ticked, changed, flow(4)]);
         assert_eq!(changes.len(), 3);

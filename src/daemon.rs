@@ -461,8 +461,15 @@ impl State<'_> {
         match done.flows {
             Ok(flows) => {
                 let n = flows.len();
+                let repairs = self.mirror.stats().resync_repairs;
                 let (changes, action) = self.mirror.dump_complete_table(flows);
                 let changed = changes.len();
+                if self.mirror.stats().resync_repairs > repairs {
+                    // The mirror had diverged from the kernel: name a few, for the post-mortem.
+                    for c in changes.iter().take(3) {
+                        tracing::info!(change = ?c, "reconciliation repaired the mirror");
+                    }
+                }
                 let now = self.engine_now();
                 for change in changes {
                     self.change(change, now);

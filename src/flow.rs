@@ -305,6 +305,13 @@ pub struct TcpInfo {
     pub flags_reply: u8,
 }
 
+/// `IP_CT_TCP_FLAG_*` bits the kernel's window tracking flips on ordinary packets without raising
+/// an event: data unacknowledged (0x10), max-ack set (0x20) and challenge-ack expected (0x40).
+/// A mirror fed by events holds them as of the last event, so they differ from a fresh dump of
+/// any connection that carried traffic since; they are still replicated whenever an event or a
+/// dump carries them.
+pub const TCP_FLAGS_CHANGED_SILENTLY: u8 = 0x10 | 0x20 | 0x40;
+
 /// Names of the kernel's TCP conntrack states, indexed by state number.
 pub const TCP_STATE_NAMES: [&str; 10] = [
     "NONE",
@@ -460,6 +467,19 @@ enum PackedProtoInfo {
         /// High and low halves of the handshake sequence number.
         handshake_seq: [u32; 2],
     },
+}
+
+impl PackedProtoInfo {
+    fn without_silent_bits(self) -> Self {
+        match self {
+            PackedProtoInfo::Tcp(t) => PackedProtoInfo::Tcp(TcpInfo {
+                flags_orig: t.flags_orig & !TCP_FLAGS_CHANGED_SILENTLY,
+                flags_reply: t.flags_reply & !TCP_FLAGS_CHANGED_SILENTLY,
+                ..t
+            }),
+            other => other,
+        }
+    }
 }
 
 impl From<ProtoInfo> for PackedProtoInfo {
@@ -672,11 +692,17 @@ impl Flow {
         }
     }
 
-    /// Equality of everything but the timeout, which ticks between any two reads of the kernel.
+    /// Equality of everything but what the kernel changes without telling its listeners: the
+    /// timeout, which ticks between any two reads, and the TCP flag bits in
+    /// [`TCP_FLAGS_CHANGED_SILENTLY`]. Comparing those would make every reconciliation "repair"
+    /// any TCP connection that carried traffic since its last event.
     pub fn same_state(&self, other: &Flow) -> bool {
-        let mut a = self.clone();
-        a.timeout = other.timeout;
-        a == *other
+        self.key == other.key
+            && self.reply == other.reply
+            && self.status == other.status
+            && self.mark == other.mark
+            && self.protoinfo.without_silent_bits() == other.protoinfo.without_silent_bits()
+            && self.extra == other.extra
     }
 }
 
@@ -847,6 +873,37 @@ mod tests {
                 dst: dport,
             },
         }
+    }
+
+    #[test]
+    fn same_state_ignores_only_what_the_kernel_changes_silently() {
+        let tcp_flow = |state, flags| {
+            let mut f = Flow::new(
+                Zone::default(),
+                tcp("10.0.0.1", "10.0.0.2", 1000, 80),
+                tcp("10.0.0.2", "10.0.0.1", 80, 1000),
+            );
+            f.set_protoinfo(ProtoInfo::Tcp(TcpInfo {
+                state,
+                flags_orig: flags,
+                flags_reply: flags,
+                ..TcpInfo::default()
+            }));
+            f
+        };
+        let base = tcp_flow(3, 0x01);
+        let mut ticked = tcp_flow(3, 0x01 | TCP_FLAGS_CHANGED_SILENTLY);
+        ticked.timeout = 7;
+        assert!(base.same_state(&ticked) && ticked.same_state(&base));
+        // Bits and fields that do come with events still count.
+        assert!(!base.same_state(&tcp_flow(3, 0x01 | 0x04)));
+        assert!(!base.same_state(&tcp_flow(4, 0x01)));
+        let mut marked = base.clone();
+        marked.mark = 1;
+        assert!(!base.same_state(&marked));
+        let mut labelled = base.clone();
+        labelled.set_labels(1);
+        assert!(!base.same_state(&labelled));
     }
 
     #[test]

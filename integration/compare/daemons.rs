@@ -118,12 +118,15 @@ impl Daemon {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!(
-            "{}-{}.log",
-            self.kind.name(),
-            self.node
-        )))
-        .context("creating a daemon log")?;
+        // Appended to: a restarted daemon's log follows its first life's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(
+                self.dir
+                    .join(format!("{}-{}.log", self.kind.name(), self.node)),
+            )
+            .context("creating a daemon log")?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns]);
         match self.kind {
