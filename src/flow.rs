@@ -697,12 +697,22 @@ impl Flow {
     /// [`TCP_FLAGS_CHANGED_SILENTLY`]. Comparing those would make every reconciliation "repair"
     /// any TCP connection that carried traffic since its last event.
     pub fn same_state(&self, other: &Flow) -> bool {
-        self.key == other.key
-            && self.reply == other.reply
-            && self.status == other.status
-            && self.mark == other.mark
-            && self.protoinfo.without_silent_bits() == other.protoinfo.without_silent_bits()
-            && self.extra == other.extra
+        // Destructured so that a field added to `Flow` must be placed here, or not compile.
+        let Flow {
+            key,
+            reply,
+            status,
+            timeout: _,
+            mark,
+            protoinfo,
+            extra,
+        } = self;
+        *key == other.key
+            && *reply == other.reply
+            && *status == other.status
+            && *mark == other.mark
+            && protoinfo.without_silent_bits() == other.protoinfo.without_silent_bits()
+            && *extra == other.extra
     }
 }
 
