@@ -8,6 +8,7 @@
 use crate::flow::{Flow, FlowKey, Present};
 use crate::netlink::{CtEventKind, CtMessage};
 use crate::slab::{Entry, KeyedSlab};
+use std::borrow::Cow;
 
 /// A set of flows indexed by zone and original tuple.
 ///
@@ -61,16 +62,38 @@ impl FlowTable {
     ///
     /// Returns whether the flow's state (everything but the timeout) changed.
     pub fn merge(&mut self, flow: &Flow, present: Present) -> bool {
+        self.merge_cow(Cow::Borrowed(flow), present)
+    }
+
+    /// [`FlowTable::merge`] of a flow the caller no longer needs: an unknown flow is moved in,
+    /// not copied (most events are creations of unknown flows).
+    pub fn merge_owned(&mut self, flow: Flow, present: Present) -> bool {
+        self.merge_cow(Cow::Owned(flow), present)
+    }
+
+    fn merge_cow(&mut self, flow: Cow<'_, Flow>, present: Present) -> bool {
         match self.table.entry(&flow.key) {
             Entry::Occupied(cur) => {
                 let before = cur.clone();
-                cur.merge(flow, present);
+                cur.merge(&flow, present);
                 self.boxed = self.boxed - before.heap_bytes() + cur.heap_bytes();
                 !cur.same_state(&before)
             }
             Entry::Vacant(e) => {
                 self.boxed += flow.heap_bytes();
-                e.insert(flow.clone());
+                e.insert(flow.into_owned());
+                true
+            }
+        }
+    }
+
+    /// Inserts `flow` unless its key is present; returns whether it was inserted.
+    pub fn insert_new(&mut self, flow: Flow) -> bool {
+        match self.table.entry(&flow.key) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(e) => {
+                self.boxed += flow.heap_bytes();
+                e.insert(flow);
                 true
             }
         }
@@ -203,15 +226,16 @@ impl Mirror {
     /// peer sent us is never replicated back as if it were local traffic.
     pub fn event(&mut self, msg: CtMessage, own: bool) -> Option<Change> {
         self.count(&msg, own);
+        let Some(log) = &mut self.replay else {
+            return apply_owned(&mut self.table, msg).filter(|_| !own);
+        };
         let change = apply(&mut self.table, &msg);
-        if let Some(log) = &mut self.replay {
-            if log.len() < REPLAY_LIMIT {
-                log.push(msg);
-            } else {
-                // The running dump's result can no longer be completed exactly: redo it.
-                self.stats.replay_overflows += 1;
-                self.dump_again = true;
-            }
+        if log.len() < REPLAY_LIMIT {
+            log.push(msg);
+        } else {
+            // The running dump's result can no longer be completed exactly: redo it.
+            self.stats.replay_overflows += 1;
+            self.dump_again = true;
         }
         change.filter(|_| !own)
     }
@@ -228,11 +252,10 @@ impl Mirror {
     pub fn own_creations(&mut self, flows: Vec<Flow>) -> (Vec<Flow>, Vec<Flow>) {
         let (mut fresh, mut known) = (Vec::with_capacity(flows.len()), Vec::new());
         for flow in flows {
-            if self.table.get(&flow.key).is_some() {
+            if !self.table.insert_new(flow.clone()) {
                 known.push(flow);
                 continue;
             }
-            self.table.insert(flow.clone());
             if let Some(log) = &mut self.replay {
                 if log.len() < REPLAY_LIMIT {
                     log.push(CtMessage {
@@ -348,6 +371,19 @@ impl Mirror {
     /// Requests the dump again after a failure.
     pub fn retry_dump(&mut self) -> MirrorAction {
         self.request_dump()
+    }
+}
+
+/// [`apply`] of an event that is not kept afterwards.
+fn apply_owned(table: &mut FlowTable, msg: CtMessage) -> Option<Change> {
+    match msg.kind {
+        CtEventKind::Destroy => apply(table, &msg),
+        CtEventKind::New | CtEventKind::Update => {
+            let key = msg.flow.key;
+            table
+                .merge_owned(msg.flow, msg.present)
+                .then_some(Change::Upsert(key))
+        }
     }
 }
 

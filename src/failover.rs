@@ -6,7 +6,7 @@
 //! result through a channel. One job at a time: the writer is either here or in the job.
 
 use crate::cache::Mirror;
-use crate::commit::{self, CommitOptions};
+use crate::commit::{self, CommitCursor, CommitOptions};
 use crate::config::{CommitMode, FailoverConfig};
 use crate::flow::{Flow, FlowKey};
 use crate::netlink::{WriteReport, Writer};
@@ -144,19 +144,17 @@ pub enum AfterJob {
 }
 
 /// Flows written per commit job: the flows of a commit are prepared chunk by chunk, so that a
-/// commit of the whole cache never holds a second copy of it (a list of keys is kept instead).
+/// commit of the whole cache never holds a second copy of it.
 const COMMIT_CHUNK: usize = 16_384;
 
 /// A commit in progress, written chunk by chunk.
 struct CommitPlan {
     kind: JobKind,
-    /// Keys still to write, masters first.
-    keys: Vec<FlowKey>,
-    /// Keys before this one are prepared.
-    next: usize,
+    /// What remains to be prepared.
+    cursor: CommitCursor,
     /// The next chunk, prepared while the previous one is written.
     ready: Option<Vec<Flow>>,
-    /// Flows written so far (keys that left the cache meanwhile are not counted).
+    /// Flows written so far.
     flows: usize,
     report: WriteReport,
     started: Instant,
@@ -165,22 +163,18 @@ struct CommitPlan {
 impl CommitPlan {
     /// Shapes the next chunk of flows, unless one is already waiting or none is left.
     fn prepare_next(&mut self, external: &ExternalCache, now: Duration, opts: &CommitOptions) {
-        if self.ready.is_some() || self.next >= self.keys.len() {
+        if self.ready.is_some() || self.cursor.is_done() {
             return;
         }
-        let end = (self.next + COMMIT_CHUNK).min(self.keys.len());
-        self.ready = Some(commit::prepare_keys(
-            external,
-            &self.keys[self.next..end],
-            now,
-            opts,
-        ));
-        self.next = end;
+        let chunk = self.cursor.next_chunk(external, COMMIT_CHUNK, now, opts);
+        // A commit of nothing still writes one (empty) chunk: its completion ends the commit.
+        let first = self.flows == 0;
+        self.ready = Some(chunk).filter(|c| first || !c.is_empty());
     }
 
     /// Whether chunks remain to be written.
     fn unfinished(&self) -> bool {
-        self.ready.is_some() || self.next < self.keys.len()
+        self.ready.is_some() || !self.cursor.is_done()
     }
 }
 
@@ -268,8 +262,7 @@ impl Failover {
         }
         self.plan = Some(CommitPlan {
             kind,
-            keys: commit::commit_order(external),
-            next: 0,
+            cursor: CommitCursor::new(external),
             ready: None,
             flows: 0,
             report: WriteReport::default(),

@@ -240,6 +240,14 @@ impl<T: Keyed, const CHUNK: usize> KeyedSlab<T, CHUNK> {
             .map(|ix| ix.slot as usize)
     }
 
+    /// The value in `slot` (slots are `0..len`), for walks that must survive changes between
+    /// their steps: a removal moves the last value into the hole, so a walk from the last slot
+    /// down never misses a value that stays stored (it may meet a moved one twice), and values
+    /// inserted meanwhile land above it.
+    pub fn get_slot(&self, slot: usize) -> Option<&T> {
+        (slot < self.len).then(|| at::<T, CHUNK>(&self.chunks, slot))
+    }
+
     /// Looks a value up.
     pub fn get(&self, key: &FlowKey) -> Option<&T> {
         self.find(key).map(|s| at::<T, CHUNK>(&self.chunks, s))

@@ -172,6 +172,11 @@ impl OriginCache {
         self.flows.iter()
     }
 
+    /// The flow in storage slot `slot` (`0..len`): see [`KeyedSlab::get_slot`].
+    pub fn get_slot(&self, slot: usize) -> Option<&ExternalFlow> {
+        self.flows.get_slot(slot)
+    }
+
     /// Looks a flow up.
     pub fn get(&self, key: &FlowKey) -> Option<&ExternalFlow> {
         self.flows.get(key)
