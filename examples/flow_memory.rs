@@ -130,7 +130,7 @@ fn fill_origin(n: usize) {
             upserts,
             deletes: Vec::new(),
         };
-        cache.apply_batch(&batch, Duration::ZERO);
+        cache.apply_batch(batch, Duration::ZERO);
     }
     report("OriginCache", n, &base, Some(cache.heap_bytes()));
     // Tombstones: delete a quarter, as a churning origin would.
@@ -145,7 +145,7 @@ fn fill_origin(n: usize) {
         upserts: Vec::new(),
         deletes,
     };
-    cache.apply_batch(&batch, Duration::ZERO);
+    cache.apply_batch(batch, Duration::ZERO);
     println!(
         "  after deleting a quarter: {} flows, heap_bytes {} (tombstones included)",
         cache.len(),

@@ -166,7 +166,7 @@ mod tests {
             upserts: upserts.collect(),
             deletes: Vec::new(),
         };
-        origin.apply_batch(&batch, Duration::ZERO);
+        origin.apply_batch(batch, Duration::ZERO);
         ext
     }
 
@@ -243,7 +243,7 @@ mod tests {
                 .collect();
             let added = flow(1000 + seq as u16);
             origin.apply_batch(
-                &Batch {
+                Batch {
                     epoch: 1,
                     seq,
                     upserts: vec![(1000 + seq, added)],

@@ -413,8 +413,9 @@ impl Engine {
                 p.snapshot_wanted = true;
             }
             Message::Batch(b) => {
-                let verdict = self.external.origin_mut(peer).apply_batch(&b, now);
-                self.ack_back(peer, b.epoch, b.seq, verdict);
+                let (epoch, seq) = (b.epoch, b.seq);
+                let verdict = self.external.origin_mut(peer).apply_batch(b, now);
+                self.ack_back(peer, epoch, seq, verdict);
             }
             Message::SnapshotBegin { epoch, seq, id } => {
                 let verdict = self

@@ -225,13 +225,15 @@ impl OriginCache {
     }
 
     /// Applies a batch: never moves a flow backwards, never resurrects a newer deletion.
-    pub fn apply_batch(&mut self, batch: &Batch, now: Duration) -> Applied {
+    ///
+    /// The batch is consumed: its flows move into the cache instead of being copied.
+    pub fn apply_batch(&mut self, batch: Batch, now: Duration) -> Applied {
         let verdict = self.accept_seq(batch.epoch, batch.seq);
         if verdict != Applied::Applied {
             return verdict;
         }
-        for (version, flow) in &batch.upserts {
-            self.upsert(*version, flow, now);
+        for (version, flow) in batch.upserts {
+            self.upsert(version, flow, now);
         }
         for (version, key) in &batch.deletes {
             self.delete(*version, key);
@@ -245,23 +247,20 @@ impl OriginCache {
         }
     }
 
-    fn upsert(&mut self, version: u64, flow: &Flow, now: Duration) {
-        let h = self.flows.hash_key(&flow.key);
-        if self
-            .tombstones
-            .get(&flow.key, h)
-            .is_some_and(|v| v >= version)
-        {
+    fn upsert(&mut self, version: u64, flow: Flow, now: Duration) {
+        let key = flow.key;
+        let h = self.flows.hash_key(&key);
+        if self.tombstones.get(&key, h).is_some_and(|v| v >= version) {
             return;
         }
         let mut changed = true;
         let generation = self.generation;
-        match self.flows.entry_hashed(&flow.key, h) {
+        match self.flows.entry_hashed(&key, h) {
             Entry::Occupied(cur) => {
                 // The origin still has the flow, whatever the version: confirmed by a snapshot.
                 cur.generation = generation;
                 if version > cur.version {
-                    cur.flow.clone_from(flow);
+                    cur.flow = flow;
                     cur.version = version;
                     cur.received_at = now;
                 } else {
@@ -270,7 +269,7 @@ impl OriginCache {
             }
             Entry::Vacant(e) => {
                 e.insert(ExternalFlow {
-                    flow: flow.clone(),
+                    flow,
                     version,
                     received_at: now,
                     generation,
@@ -278,7 +277,7 @@ impl OriginCache {
             }
         }
         if changed {
-            self.logged(flow.key, false);
+            self.logged(key, false);
         }
     }
 
@@ -465,8 +464,8 @@ mod tests {
     fn older_versions_never_overwrite_newer_ones() {
         let mut c = cache();
         let t = Duration::ZERO;
-        c.apply_batch(&batch(2, vec![(5, flow(1, 2))], vec![]), t);
-        c.apply_batch(&batch(1, vec![(3, flow(1, 1))], vec![]), t);
+        c.apply_batch(batch(2, vec![(5, flow(1, 2))], vec![]), t);
+        c.apply_batch(batch(1, vec![(3, flow(1, 1))], vec![]), t);
         assert_eq!(c.get(&flow(1, 0).key).unwrap().flow.mark, 2);
         assert_eq!(c.contiguous_seq(), 2);
     }
@@ -475,9 +474,9 @@ mod tests {
     fn a_reordered_update_does_not_resurrect_a_deleted_flow() {
         let mut c = cache();
         let t = Duration::ZERO;
-        c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), t);
-        c.apply_batch(&batch(3, vec![], vec![(4, flow(1, 0).key)]), t);
-        c.apply_batch(&batch(2, vec![(2, flow(1, 9))], vec![]), t);
+        c.apply_batch(batch(1, vec![(1, flow(1, 0))], vec![]), t);
+        c.apply_batch(batch(3, vec![], vec![(4, flow(1, 0).key)]), t);
+        c.apply_batch(batch(2, vec![(2, flow(1, 9))], vec![]), t);
         assert!(c.is_empty());
     }
 
@@ -486,16 +485,16 @@ mod tests {
         let mut c = cache();
         let t = Duration::ZERO;
         assert_eq!(
-            c.apply_batch(&batch(1, vec![(1, flow(1, 0))], vec![]), t),
+            c.apply_batch(batch(1, vec![(1, flow(1, 0))], vec![]), t),
             Applied::Applied
         );
         assert_eq!(
-            c.apply_batch(&batch(1, vec![], vec![(9, flow(1, 0).key)]), t),
+            c.apply_batch(batch(1, vec![], vec![(9, flow(1, 0).key)]), t),
             Applied::Duplicate
         );
         let mut other = batch(2, vec![], vec![(9, flow(1, 0).key)]);
         other.epoch = 8;
-        assert_eq!(c.apply_batch(&other, t), Applied::StaleEpoch);
+        assert_eq!(c.apply_batch(other, t), Applied::StaleEpoch);
         assert_eq!(c.len(), 1);
     }
 
@@ -503,12 +502,12 @@ mod tests {
     fn snapshot_end_removes_flows_the_origin_no_longer_has() {
         let mut c = cache();
         let t = Duration::ZERO;
-        c.apply_batch(&batch(1, vec![(1, flow(1, 0)), (2, flow(2, 0))], vec![]), t);
+        c.apply_batch(batch(1, vec![(1, flow(1, 0)), (2, flow(2, 0))], vec![]), t);
         c.set_epoch(8); // the origin restarted
         c.snapshot_begin(8, 1, 42);
         let mut b = batch(2, vec![(1, flow(2, 0)), (2, flow(3, 0))], vec![]);
         b.epoch = 8;
-        c.apply_batch(&b, t);
+        c.apply_batch(b, t);
         let (_, removed) = c.snapshot_end(8, 3, 42);
         assert_eq!(removed, 1);
         assert!(c.get(&flow(1, 0).key).is_none());
@@ -523,11 +522,11 @@ mod tests {
         let o = ext.origin_mut("fw9");
         o.set_epoch(7);
         o.apply_batch(
-            &batch(1, vec![(1, flow(1, 0)), (2, flow(2, 0))], vec![]),
+            batch(1, vec![(1, flow(1, 0)), (2, flow(2, 0))], vec![]),
             Duration::ZERO,
         );
         o.apply_batch(
-            &batch(2, vec![(1, flow(1, 5))], vec![(3, flow(2, 0).key)]),
+            batch(2, vec![(1, flow(1, 5))], vec![(3, flow(2, 0).key)]),
             Duration::ZERO,
         );
         let changes = ext.take_changes();
@@ -555,7 +554,7 @@ mod tests {
     fn delete_others(c: &mut OriginCache, seq: u64, from: usize, n: usize) {
         let deletes = (from..from + n).map(|i| (1, nth_key(i))).collect();
         assert_eq!(
-            c.apply_batch(&batch(seq, vec![], deletes), Duration::ZERO),
+            c.apply_batch(batch(seq, vec![], deletes), Duration::ZERO),
             Applied::Applied
         );
     }
@@ -569,11 +568,11 @@ mod tests {
         for before in [0, half - 1] {
             let mut c = cache();
             delete_others(&mut c, 1, 0, before);
-            c.apply_batch(&batch(2, vec![(1, f.clone())], vec![(10, f.key)]), t);
+            c.apply_batch(batch(2, vec![(1, f.clone())], vec![(10, f.key)]), t);
             assert!(c.is_empty());
             delete_others(&mut c, 3, before, half);
             // An update the origin sent before deleting the flow, arriving late: ignored.
-            c.apply_batch(&batch(4, vec![(9, f.clone())], vec![]), t);
+            c.apply_batch(batch(4, vec![(9, f.clone())], vec![]), t);
             assert!(
                 c.is_empty(),
                 "resurrected after {before} + {half} deletions"
@@ -581,7 +580,7 @@ mod tests {
             // Forgotten by `TOMBSTONES` later deletions at most, so that memory stays bounded:
             // the same stale update is then taken.
             delete_others(&mut c, 5, before + half, half);
-            c.apply_batch(&batch(6, vec![(9, f.clone())], vec![]), t);
+            c.apply_batch(batch(6, vec![(9, f.clone())], vec![]), t);
             assert_eq!(
                 c.len(),
                 1,
@@ -596,21 +595,21 @@ mod tests {
         let f = flow(1, 0);
         let mut c = cache();
         // Deleted at 5, then a late deletion from 3 arrives: updates up to 5 stay ignored.
-        c.apply_batch(&batch(1, vec![], vec![(5, f.key), (3, f.key)]), t);
-        c.apply_batch(&batch(2, vec![(4, f.clone())], vec![]), t);
+        c.apply_batch(batch(1, vec![], vec![(5, f.key), (3, f.key)]), t);
+        c.apply_batch(batch(2, vec![(4, f.clone())], vec![]), t);
         assert!(c.is_empty());
         // Likewise with the newer deletion in the old generation and the late one in the young.
         delete_others(&mut c, 3, 0, TOMBSTONES / 2);
-        c.apply_batch(&batch(4, vec![], vec![(3, f.key)]), t);
-        c.apply_batch(&batch(5, vec![(4, f.clone())], vec![]), t);
+        c.apply_batch(batch(4, vec![], vec![(3, f.key)]), t);
+        c.apply_batch(batch(5, vec![(4, f.clone())], vec![]), t);
         assert!(c.is_empty());
         // A newer deletion replaces the older one.
-        c.apply_batch(&batch(6, vec![(6, f.clone())], vec![]), t);
+        c.apply_batch(batch(6, vec![(6, f.clone())], vec![]), t);
         assert_eq!(c.len(), 1);
-        c.apply_batch(&batch(7, vec![], vec![(8, f.key)]), t);
-        c.apply_batch(&batch(8, vec![(7, f.clone())], vec![]), t);
+        c.apply_batch(batch(7, vec![], vec![(8, f.key)]), t);
+        c.apply_batch(batch(8, vec![(7, f.clone())], vec![]), t);
         assert!(c.is_empty());
-        c.apply_batch(&batch(9, vec![(9, f.clone())], vec![]), t);
+        c.apply_batch(batch(9, vec![(9, f.clone())], vec![]), t);
         assert_eq!(c.len(), 1);
     }
 
@@ -619,11 +618,11 @@ mod tests {
         let t = Duration::ZERO;
         let f = flow(1, 0);
         let mut c = cache();
-        c.apply_batch(&batch(1, vec![], vec![(100, f.key)]), t);
+        c.apply_batch(batch(1, vec![], vec![(100, f.key)]), t);
         c.set_epoch(8);
         let mut b = batch(1, vec![(1, f.clone())], vec![]);
         b.epoch = 8;
-        c.apply_batch(&b, t);
+        c.apply_batch(b, t);
         assert_eq!(c.len(), 1);
     }
 
@@ -649,7 +648,7 @@ mod tests {
     fn remaining_timeout_ages() {
         let mut c = cache();
         c.apply_batch(
-            &batch(1, vec![(1, flow(1, 0))], vec![]),
+            batch(1, vec![(1, flow(1, 0))], vec![]),
             Duration::from_secs(10),
         );
         let f = c.get(&flow(1, 0).key).unwrap();
