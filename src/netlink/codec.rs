@@ -152,6 +152,48 @@ pub fn decode_conntrack(msg: &RawMessage<'_>) -> Result<CtMessage, CodecError> {
     d.finish(kind)
 }
 
+/// [`decode_conntrack`] for event intake: a destroy event is decoded down to what removing the
+/// flow needs, its key (and kernel id). Half of a churning table's events are destroys, and
+/// the rest of their attributes (reply tuple, state, counters) describe a flow that is gone.
+///
+/// The returned destroy's flow has the reply tuple `orig.inverse()` and nothing `present`.
+/// A malformed key is refused as [`decode_conntrack`] refuses it; attributes not read are not
+/// checked.
+pub fn decode_event(msg: &RawMessage<'_>) -> Result<CtMessage, CodecError> {
+    if msg.msg_type != attr::MSG_CT_DELETE {
+        return decode_conntrack(msg);
+    }
+    let payload = msg
+        .payload
+        .get(4..)
+        .ok_or_else(|| CodecError::Framing("missing nfgenmsg".into()))?;
+    let mut d = Decoder::default();
+    let mut reply_zone = None;
+    for nla in nested(payload) {
+        let (kind, value) = nla?;
+        match kind {
+            cta::TUPLE_ORIG | cta::ZONE | cta::ID => d.top_level(kind, value)?,
+            cta::TUPLE_REPLY => reply_zone = Some(tuple_zone(value)?),
+            _ => {}
+        }
+    }
+    let reply_zone = reply_zone.ok_or(CodecError::Missing("CTA_TUPLE_REPLY"))?;
+    let orig = d.orig.ok_or(CodecError::Missing("CTA_TUPLE_ORIG"))?.0;
+    d.reply = Some((orig.inverse(), reply_zone));
+    d.finish(CtEventKind::Destroy)
+}
+
+/// The `CTA_TUPLE_ZONE` of a tuple, without decoding the rest of it.
+fn tuple_zone(v: &[u8]) -> Result<Option<u16>, CodecError> {
+    for item in nested(v) {
+        let (kind, value) = item?;
+        if kind == attr::tuple::ZONE {
+            return be16(value, "CTA_TUPLE_ZONE").map(Some);
+        }
+    }
+    Ok(None)
+}
+
 /// Accumulates attributes of one message before the flow can be assembled.
 #[derive(Default)]
 struct Decoder {

@@ -132,7 +132,7 @@ fn decode_datagram(origins: &Origins, datagram: &[u8], out: &mut Vec<KernelEvent
     for msg in codec::messages(datagram) {
         let item = msg.and_then(|m| {
             let own = origins.is_ours(m.portid);
-            codec::decode_conntrack(&m).map(|msg| KernelEvent::Flow { msg, own })
+            codec::decode_event(&m).map(|msg| KernelEvent::Flow { msg, own })
         });
         out.push(item.unwrap_or_else(KernelEvent::Undecodable));
     }

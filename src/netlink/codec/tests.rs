@@ -11,8 +11,8 @@
 //!   write the same bytes.
 
 use super::{
-    decode_conntrack, decode_error, encode_dump_request, encode_entry, encode_write, messages,
-    CodecError, CtEventKind, CtMessage, RawMessage, WriteOp,
+    decode_conntrack, decode_error, decode_event, encode_dump_request, encode_entry, encode_write,
+    messages, CodecError, CtEventKind, CtMessage, RawMessage, WriteOp,
 };
 use crate::flow::{
     proto, status, Flow, Present, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple, Zone,
@@ -505,6 +505,13 @@ mod golden {
                     continue;
                 }
                 let ct = decode_conntrack(&m).unwrap_or_else(|err| panic!("{ctx}: {err}"));
+                // Event intake reads a destroy down to its key: the same key, kind and id.
+                let ev = decode_event(&m).unwrap_or_else(|err| panic!("{ctx}: event: {err}"));
+                assert_eq!(
+                    (ev.kind, ev.flow.key, ev.kernel_id),
+                    (ct.kind, ct.flow.key, ct.kernel_id),
+                    "{ctx}: event intake"
+                );
                 let kind = match e["kind"].as_str().unwrap() {
                     "new" => CtEventKind::New,
                     "update" => CtEventKind::Update,
@@ -1993,6 +2000,28 @@ pub(super) mod props {
             prop_assert_eq!(&ct.flow, &flow);
         }
 
+        /// Event intake decodes a destroy to its key alone (the reply tuple is the original's
+        /// inverse, nothing is present) and every other message exactly as a dump entry.
+        #[test]
+        fn event_intake_reads_destroys_to_their_key(
+            flow in arb_flow(), kind in arb_kind(), seq in any::<u32>(),
+        ) {
+            let mut buf = Vec::new();
+            encode_entry(&mut buf, kind, &flow, seq);
+            let m = only_message(&buf);
+            let full = decode_conntrack(&m).expect("decodes");
+            let ev = decode_event(&m).expect("decodes as an event");
+            if kind == CtEventKind::Destroy {
+                prop_assert_eq!(ev.kind, CtEventKind::Destroy);
+                prop_assert_eq!(ev.flow.key, flow.key);
+                prop_assert_eq!(ev.kernel_id, full.kernel_id);
+                prop_assert_eq!(ev.present, Present::default());
+                prop_assert_eq!(ev.flow.reply, flow.key.orig.inverse());
+            } else {
+                prop_assert_eq!(ev, full);
+            }
+        }
+
         /// Several messages in one datagram are framed apart and decode in order.
         #[test]
         fn entries_in_one_datagram_frame_apart(
@@ -2859,6 +2888,7 @@ mod robustness {
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             for m in messages(&bytes).flatten() {
                 let _ = decode_conntrack(&m);
+                let _ = decode_event(&m);
                 let _ = decode_error(&m);
             }
         }
@@ -2897,6 +2927,7 @@ mod robustness {
             }
             for m in messages(&buf).flatten() {
                 let _ = decode_conntrack(&m);
+                let _ = decode_event(&m);
             }
         }
 
