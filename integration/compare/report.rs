@@ -160,6 +160,7 @@ struct Meta {
     conntrackd: Option<String>,
     loadavg_start: String,
     loadavg_end: String,
+    cpu_clock: &'static str,
     latency_rate: usize,
     latency_secs: usize,
 }
@@ -213,6 +214,7 @@ impl Report {
                 conntrackd: None,
                 loadavg_start: crate::lab::loadavg(),
                 loadavg_end: String::new(),
+                cpu_clock: crate::daemons::cpu_clock(),
                 latency_rate: args.latency_rate,
                 latency_secs: args.latency_secs,
             },
@@ -372,6 +374,7 @@ impl Report {
             "load average: {} at start, {} at end",
             m.loadavg_start, m.loadavg_end
         );
+        println!("daemons' CPU time read from {}", m.cpu_clock);
         let mut flows: Vec<usize> = self.samples.keys().map(|k| k.1).collect();
         flows.sort_unstable();
         flows.dedup();
