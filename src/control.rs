@@ -309,9 +309,16 @@ async fn answer(stream: tokio::net::UnixStream, calls: tokio::sync::mpsc::Sender
         Ok(Err(e)) => Reply::Error(format!("read error: {e}")),
         Err(_) => Reply::Error("timed out waiting for the request".into()),
     };
-    let bytes = match tokio::task::spawn_blocking(move || render(reply)).await {
-        Ok(b) => b,
-        Err(e) => header_line(Some(format!("internal error: {e}"))),
+    // A dump can take a while to serialise and must not hold the runtime; anything else is
+    // small, and a hand-off to the blocking pool would cost more than rendering it here (a
+    // benchmark polls `stats` every few milliseconds).
+    let bytes = if matches!(reply, Reply::Flows(_) | Reply::External(_)) {
+        match tokio::task::spawn_blocking(move || render(reply)).await {
+            Ok(b) => b,
+            Err(e) => header_line(Some(format!("internal error: {e}"))),
+        }
+    } else {
+        render(reply)
     };
     if let Err(e) = write.write_all(&bytes).await {
         tracing::debug!(error = %e, "control client went away");

@@ -100,13 +100,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     })?;
     let (call_tx, call_rx) = mpsc::channel(16);
     let server = tokio::spawn(control::serve(listener, call_tx));
-    let stalls = tokio::spawn(watch_stalls(|held| {
-        tracing::warn!(
-            ms = held.as_millis() as u64,
-            "ctsyncd's main thread was held this long by one piece of work; peers, control \
-             requests and kernel events waited meanwhile"
-        );
-    }));
     tracing::info!(
         node_id = %cfg.node_id,
         socket = %cfg.control.socket.display(),
@@ -135,7 +128,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     stop.store(true, Ordering::Relaxed);
     server.abort();
-    stalls.abort();
     let _ = std::fs::remove_file(&cfg.control.socket);
     tracing::info!("ctsyncd stopped");
     result
@@ -144,23 +136,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 /// A stall of the runtime's thread longer than this is logged.
 const STALL_WARN: Duration = Duration::from_millis(500);
 
-/// Reports (to be logged) when the runtime's one thread was held by a single piece of work for
-/// longer than [`STALL_WARN`]: the peers' keepalive answers, control requests and event intake
-/// all waited that long (a reconciliation of millions of flows can do it). Left unnoticed, a
-/// stall near the peers' keepalive timeout looks like a flapping link.
-async fn watch_stalls(report: impl Fn(Duration)) {
-    const PERIOD: Duration = Duration::from_millis(100);
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = Instant::now();
-    loop {
-        tick.tick().await;
-        let now = Instant::now();
-        let held = now.duration_since(last).saturating_sub(PERIOD);
-        if held > STALL_WARN {
-            report(held);
-        }
-        last = now;
+/// Tells when the runtime's one thread was held by a single piece of work for longer than
+/// [`STALL_WARN`]: the peers' keepalive answers, control requests and event intake all waited
+/// that long (a reconciliation of millions of flows can do it). Left unnoticed, a stall near the
+/// peers' keepalive timeout looks like a flapping link. It reads the lateness of the state
+/// task's periodic tick rather than running a timer of its own: an idle daemon's CPU is mostly
+/// its wake-ups.
+struct StallMeter {
+    last: Instant,
+}
+
+impl StallMeter {
+    fn new(now: Instant) -> StallMeter {
+        StallMeter { last: now }
+    }
+
+    /// Called at each [`TICK`]; returns how long the thread was held, if that was too long.
+    fn tick(&mut self, now: Instant) -> Option<Duration> {
+        let held = now.duration_since(self.last).saturating_sub(TICK);
+        self.last = now;
+        (held > STALL_WARN).then_some(held)
     }
 }
 
@@ -263,8 +258,10 @@ struct State<'a> {
     notified_ready: bool,
 }
 
-/// How often replication timers run (heartbeats, retransmissions, dead peers).
-const SYNC_TICK: Duration = Duration::from_millis(100);
+/// How often replication timers run (heartbeats, retransmissions, dead peers) and the stall
+/// meter reads the clock. Their deadlines are half a second and more; each tick is a wake-up of
+/// an otherwise idle daemon.
+const TICK: Duration = Duration::from_millis(250);
 
 async fn next_transport_event(rx: &mut Option<mpsc::Receiver<TransportEvent>>) -> TransportEvent {
     match rx {
@@ -292,8 +289,9 @@ impl State<'_> {
         tokio::pin!(retry);
         let mut retry_armed = false;
         let mut transport_rx = None;
-        let mut tick = tokio::time::interval(SYNC_TICK);
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stalls = StallMeter::new(Instant::now());
         let refresh_every = self
             .cfg
             .sync
@@ -336,7 +334,14 @@ impl State<'_> {
                         r.transport_event(ev);
                     }
                 }
-                _ = tick.tick(), if self.repl.is_some() => {
+                _ = tick.tick() => {
+                    if let Some(held) = stalls.tick(Instant::now()) {
+                        tracing::warn!(
+                            ms = held.as_millis() as u64,
+                            "ctsyncd's main thread was held this long by one piece of work; \
+                             peers, control requests and kernel events waited meanwhile"
+                        );
+                    }
                     if let Some(r) = &mut self.repl {
                         r.tick();
                     }
@@ -683,27 +688,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_held_runtime_thread_is_reported_and_a_free_one_is_not() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        rt.block_on(async move {
-            let watcher = tokio::spawn(watch_stalls(move |held| tx.send(held).unwrap()));
-            tokio::time::sleep(Duration::from_millis(350)).await;
-            // Blocking work on the runtime's only thread, as a large reconciliation would be.
-            tokio::spawn(async { std::thread::sleep(Duration::from_millis(800)) })
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            watcher.abort();
-        });
-        let reports: Vec<Duration> = rx.try_iter().collect();
-        assert_eq!(reports.len(), 1, "{reports:?}");
-        assert!(
-            reports[0] >= Duration::from_millis(600) && reports[0] < Duration::from_millis(1500),
-            "{reports:?}"
+    fn a_late_tick_is_a_stall_and_a_punctual_one_is_not() {
+        let t0 = Instant::now();
+        let mut m = StallMeter::new(t0);
+        let mut t = t0;
+        for _ in 0..4 {
+            t += TICK + Duration::from_millis(5);
+            assert_eq!(m.tick(t), None, "a tick a little late is no stall");
+        }
+        t += TICK + STALL_WARN;
+        assert_eq!(m.tick(t), None, "held exactly the bound: not reported");
+        t += TICK + Duration::from_millis(800);
+        assert_eq!(m.tick(t), Some(Duration::from_millis(800)));
+        t += TICK;
+        assert_eq!(
+            m.tick(t),
+            None,
+            "the next punctual tick is measured from the late one"
         );
     }
 }

@@ -191,6 +191,9 @@ pub struct EventSource {
     origins: Origins,
 }
 
+/// How long a read waits for an event before returning empty, so that the reading thread can
+/// see that the daemon stops. Nothing else depends on it, and each expiry wakes an idle daemon.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// Datagrams taken per `recvmmsg` once the first of a batch is in: one system call instead of
 /// one per event (each event is a datagram of its own).
 const MMSG_SLOTS: usize = 32;
@@ -208,7 +211,7 @@ impl EventSource {
         for g in [attr::GROUP_NEW, attr::GROUP_UPDATE, attr::GROUP_DESTROY] {
             sock.join(g)?;
         }
-        sock.set_recv_timeout(Duration::from_millis(200))?;
+        sock.set_recv_timeout(IDLE_WAKE)?;
         let src = EventSource {
             sock,
             buf: vec![0u8; RECV_BUF],
