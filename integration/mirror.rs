@@ -779,3 +779,33 @@ fn quiet_creations_are_filtered_in_the_kernel_and_nothing_else() {
     assert!(late.is_empty(), "{late:?}");
     assert_eq!(seen.len(), expected, "{seen:?}");
 }
+
+/// The entry count that lets a daemon skip dumping an empty table is its own namespace's: flows
+/// of another namespace (which a dump walks past in the shared hash table) are not counted.
+#[test]
+fn the_entry_count_is_the_namespaces_own() {
+    if !require_root() {
+        return;
+    }
+    let (busy, empty) = (Netns::new(), Netns::new());
+    let count = |ns: &Netns| {
+        ns.run_in(|| {
+            let sock = ctsync::netlink::CtSocket::open().map_err(|e| e.to_string())?;
+            ctsync::netlink::count(&sock).map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|e: String| panic!("count: {e}"))
+    };
+    assert_eq!((count(&busy), count(&empty)), (0, 0));
+    let flows = flows::mixed(300);
+    let mut w = kernel::writer(&busy, 1);
+    assert_report(&w.upsert(&flows).expect("upsert"), 300, 0);
+    assert_eq!(count(&busy), 300);
+    assert_eq!(
+        count(&empty),
+        0,
+        "another namespace's flows are not counted"
+    );
+    assert_eq!(kernel::dump(&empty), Vec::<Flow>::new());
+    w.delete(&flows[..100]).expect("delete");
+    assert_eq!(count(&busy), 200);
+}

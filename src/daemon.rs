@@ -221,9 +221,13 @@ fn spawn_dumper(
                 // Built here rather than on the state task: at millions of flows this is
                 // seconds of work, and the state task also answers the peers' keepalives.
                 let mut flows = FlowTable::new();
-                let result = netlink::dump(&sock, |m| {
-                    flows.insert(m.flow);
-                });
+                let result = if table_is_empty(&sock) {
+                    Ok(0)
+                } else {
+                    netlink::dump(&sock, |m| {
+                        flows.insert(m.flow);
+                    })
+                };
                 // Undecodable entries are logged by `dump`; the rest is still the best mirror.
                 let flows = result.map(|_| flows).map_err(|e| e.to_string());
                 let done = DumpResult {
@@ -237,6 +241,22 @@ fn spawn_dumper(
         })
         .map_err(DaemonError::Thread)?;
     Ok((req_tx, res_rx))
+}
+
+/// Whether the namespace's table is empty, in which case a dump can be skipped: it would walk
+/// every bucket of the kernel's shared hash table, other namespaces' flows included, to find
+/// nothing. A node that starts on an empty table (at boot, or a standby whose table was
+/// flushed) is the common case. It is safe because the event subscription predates every dump
+/// request: whatever is created after the count arrives as events, exactly as it would during a
+/// dump. When the count cannot be read, the dump runs.
+fn table_is_empty(sock: &CtSocket) -> bool {
+    match netlink::count(sock) {
+        Ok(n) => n == 0,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the kernel's entry count; dumping");
+            false
+        }
+    }
 }
 
 /// The state task: owner of the mirror.

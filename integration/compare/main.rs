@@ -9,7 +9,8 @@
 //! - **resync**: B is stopped, its kernel table emptied, B started again: time until its
 //!   external cache holds N again;
 //! - **delete burst**: the N flows are deleted from A's kernel: time until B's cache is empty;
-//! - CPU seconds (user + system, both nodes, the whole scenario) and peak RSS of each daemon;
+//! - CPU seconds (user + system, both nodes, the whole scenario, and per phase: B's stop before
+//!   its restart is a phase of its own) and peak RSS of each daemon;
 //! - **loss**: the replication again with 10% of the packets dropped at each end of the sync
 //!   link (nft `numgen random`), completeness checked after a commit;
 //! - **latency**: both daemons injecting as flows arrive (ctsync `continuous`, conntrackd
@@ -460,6 +461,9 @@ fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Samp
     cpu.skip(&a, &b);
 
     b.stop();
+    // Apart from the resync: a daemon's exit work (conntrackd frees its caches entry by entry)
+    // is not part of what a restarted node costs to catch up.
+    cpu.phase(&mut s, "stop", &a, &b);
     pair.ns[1].run(rawnl::raw_flush)??;
     let t0 = Instant::now();
     b.restart()?;
@@ -518,6 +522,7 @@ impl CpuPhases {
         let metric = match name {
             "replication" => "cpu_replication_s",
             "commit" => "cpu_commit_s",
+            "stop" => "cpu_stop_s",
             "resync" => "cpu_resync_s",
             _ => "cpu_delete_s",
         };

@@ -93,6 +93,7 @@ const METRICS: &[(&str, &str, &str)] = &[
         "CPU seconds, both nodes, replication",
     ),
     ("cpu_commit_s", "s", "CPU seconds, both nodes, commit"),
+    ("cpu_stop_s", "s", "CPU seconds, both nodes, B stopping"),
     (
         "cpu_resync_s",
         "s",

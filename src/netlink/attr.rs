@@ -14,6 +14,10 @@ pub const MSG_CT_NEW: u16 = SUBSYS_CTNETLINK << 8;
 pub const MSG_CT_GET: u16 = (SUBSYS_CTNETLINK << 8) | 1;
 /// `IPCTNL_MSG_CT_DELETE`.
 pub const MSG_CT_DELETE: u16 = (SUBSYS_CTNETLINK << 8) | 2;
+/// `IPCTNL_MSG_CT_GET_STATS`: the namespace's entry count, as one message.
+pub const MSG_CT_GET_STATS: u16 = (SUBSYS_CTNETLINK << 8) | 5;
+/// `CTA_STATS_GLOBAL_ENTRIES` (big-endian u32) in a `MSG_CT_GET_STATS` answer.
+pub const STATS_GLOBAL_ENTRIES: u16 = 1;
 
 /// `NLMSG_NOOP`.
 pub const NLMSG_NOOP: u16 = 1;

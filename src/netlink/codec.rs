@@ -653,6 +653,35 @@ pub fn encode_dump_request(buf: &mut Vec<u8>, seq: u32) {
     MessageWriter::begin(buf, MSG_HEADER_LEN, header).finish();
 }
 
+/// Asks for the number of conntrack entries of the socket's namespace
+/// (`IPCTNL_MSG_CT_GET_STATS`; answered by one message, see [`decode_count`]).
+pub fn encode_count_request(buf: &mut Vec<u8>, seq: u32) {
+    let header = Header {
+        msg_type: attr::MSG_CT_GET_STATS,
+        flags: attr::NLM_F_REQUEST,
+        seq,
+        family: AF_UNSPEC,
+    };
+    MessageWriter::begin(buf, MSG_HEADER_LEN, header).finish();
+}
+
+/// The entry count (`CTA_STATS_GLOBAL_ENTRIES`) of a `IPCTNL_MSG_CT_GET_STATS` answer.
+pub fn decode_count(msg: &RawMessage<'_>) -> Result<u32, CodecError> {
+    let attrs = msg
+        .payload
+        .get(4..)
+        .ok_or_else(|| CodecError::Framing("stats answer without nfgenmsg".into()))?;
+    for a in nested(attrs) {
+        let (kind, value) = a?;
+        if kind == attr::STATS_GLOBAL_ENTRIES {
+            return be32(value, "CTA_STATS_GLOBAL_ENTRIES");
+        }
+    }
+    Err(CodecError::Framing(
+        "stats answer without CTA_STATS_GLOBAL_ENTRIES".into(),
+    ))
+}
+
 /// `nfgenmsg.nfgen_family` values: the family of the entry a request is about.
 const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;

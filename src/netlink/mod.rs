@@ -10,6 +10,6 @@ pub mod socket;
 
 pub use codec::{CodecError, CtEventKind, CtMessage, WriteOp};
 pub use kernel::{
-    dump, EventSource, KernelError, KernelEvent, Origins, WriteFailure, WriteReport, Writer,
+    count, dump, EventSource, KernelError, KernelEvent, Origins, WriteFailure, WriteReport, Writer,
 };
 pub use socket::{CtSocket, SocketError};

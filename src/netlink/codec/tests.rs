@@ -11,8 +11,9 @@
 //!   write the same bytes.
 
 use super::{
-    decode_conntrack, decode_error, decode_event, encode_dump_request, encode_entry, encode_write,
-    messages, CodecError, CtEventKind, CtMessage, RawMessage, WriteOp,
+    decode_conntrack, decode_count, decode_error, decode_event, encode_count_request,
+    encode_dump_request, encode_entry, encode_write, messages, CodecError, CtEventKind, CtMessage,
+    RawMessage, WriteOp,
 };
 use crate::flow::{
     proto, status, Flow, Present, ProtoInfo, SeqAdj, SeqAdjDir, Synproxy, TcpInfo, Tuple, Zone,
@@ -2484,6 +2485,66 @@ pub(super) mod props {
         );
     }
 
+    #[test]
+    fn count_request_is_one_plain_get_stats() {
+        let mut buf = Vec::new();
+        encode_count_request(&mut buf, 9);
+        let m = only_message(&buf);
+        assert_eq!(m.msg_type, attr::MSG_CT_GET_STATS);
+        assert_eq!(m.flags, attr::NLM_F_REQUEST, "one answer, not a dump");
+        assert_eq!(m.seq, 9);
+        assert_eq!(m.payload, &[0, 0, 0, 0]);
+    }
+
+    /// A stats answer as the kernel's `ctnetlink_stat_ct_fill_info` writes it: the entry count,
+    /// then the table's maximum, both big-endian.
+    fn stats_answer(attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = vec![0u8, 0, 0, 0];
+        for (kind, value) in attrs {
+            body.extend_from_slice(&(4 + value.len() as u16).to_ne_bytes());
+            body.extend_from_slice(&kind.to_ne_bytes());
+            body.extend_from_slice(value);
+            body.resize(body.len().next_multiple_of(4), 0);
+        }
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
+        msg.extend_from_slice(&attr::MSG_CT_GET_STATS.to_ne_bytes());
+        msg.extend_from_slice(&0u16.to_ne_bytes());
+        msg.extend_from_slice(&9u32.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    #[test]
+    fn count_is_read_from_the_entries_attribute() {
+        let buf = stats_answer(&[
+            (attr::STATS_GLOBAL_ENTRIES, &70_000u32.to_be_bytes()),
+            (2, &262_144u32.to_be_bytes()),
+        ]);
+        assert_eq!(decode_count(&only_message(&buf)), Ok(70_000));
+        let buf = stats_answer(&[
+            (2, &262_144u32.to_be_bytes()),
+            (attr::STATS_GLOBAL_ENTRIES, &0u32.to_be_bytes()),
+        ]);
+        assert_eq!(decode_count(&only_message(&buf)), Ok(0));
+    }
+
+    #[test]
+    fn a_stats_answer_without_a_count_is_an_error() {
+        let missing = stats_answer(&[(2, &262_144u32.to_be_bytes())]);
+        assert!(decode_count(&only_message(&missing)).is_err());
+        let short = stats_answer(&[(attr::STATS_GLOBAL_ENTRIES, &[0, 1])]);
+        assert!(decode_count(&only_message(&short)).is_err());
+        let bare = stats_answer(&[]);
+        let m = only_message(&bare);
+        let truncated = RawMessage {
+            payload: &m.payload[..2],
+            ..m
+        };
+        assert!(decode_count(&truncated).is_err());
+    }
+
     /// TCP protoinfo travels as the kernel's `nf_ct_tcp_flags` (flags, mask): the mask must be
     /// full so that the kernel takes every flag.
     #[test]
@@ -2890,6 +2951,7 @@ mod robustness {
                 let _ = decode_conntrack(&m);
                 let _ = decode_event(&m);
                 let _ = decode_error(&m);
+                let _ = decode_count(&m);
             }
         }
 
@@ -2907,6 +2969,7 @@ mod robustness {
             buf[..4].copy_from_slice(&len.to_ne_bytes());
             let m = only_message(&buf);
             prop_assert_eq!(m.payload, &payload[..]);
+            let _ = decode_count(&m);
             let r = decode_conntrack(&m);
             if msg_type != 0x0100 && msg_type != 0x0102 {
                 prop_assert!(matches!(r, Err(CodecError::Framing(_))));
