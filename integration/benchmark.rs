@@ -33,9 +33,12 @@ fn compare_runs_end_to_end() {
         return;
     }
     let _serial = exclusive();
+    let dumps = std::env::temp_dir().join(format!("ctsync-latency-dump-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_ctsync-compare"))
         .args(["--flows", "3000", "--runs", "1", "--latency-rate", "2000"])
         .args(["--latency-secs", "1", "--timeout", "60", "--json"])
+        .arg("--latency-dump")
+        .arg(&dumps)
         .stdin(Stdio::null())
         .output()
         .expect("running ctsync-compare");
@@ -63,6 +66,9 @@ fn compare_runs_end_to_end() {
     assert!(value("raw", "raw_commit_s").is_some(), "{report}");
     let p99 = value("ctsync", "latency_p99_ms").unwrap_or(f64::NAN);
     assert!(p99.is_finite(), "latency p99 = {p99}");
+    let dump = std::fs::read_to_string(dumps.join("ctsync-1.txt"));
+    let _ = std::fs::remove_dir_all(&dumps);
+    check_latency_dump(dump, 2000, p99);
     if conntrackd_installed() {
         assert!(
             value("conntrackd", "replication_s").is_some(),
@@ -76,4 +82,28 @@ fn compare_runs_end_to_end() {
         let notes = report["notes"].to_string();
         assert!(notes.contains("conntrackd is not installed"), "{notes}");
     }
+}
+
+/// `--latency-dump` wrote one line per flow (seconds since the first creation, milliseconds to
+/// B's kernel), and the latencies in it are the ones the report's p99 was taken from.
+fn check_latency_dump(dump: std::io::Result<String>, flows: usize, p99: f64) {
+    let text = dump.unwrap_or_else(|e| panic!("no latency dump: {e}"));
+    let mut lat = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<f64> = line
+            .split(' ')
+            .map(|f| f.parse().unwrap_or_else(|e| panic!("{line:?}: {e}")))
+            .collect();
+        assert_eq!(fields.len(), 2, "{line:?}");
+        assert!((0.0..5.0).contains(&fields[0]), "{line:?}");
+        lat.push(fields[1]);
+    }
+    assert_eq!(lat.len(), flows, "one line per flow");
+    assert!(lat.iter().all(|&l| l >= 0.0), "every flow arrived");
+    lat.sort_by(f64::total_cmp);
+    let above = lat.iter().filter(|&&l| l > p99 + 1e-3).count();
+    assert!(
+        above <= flows / 100 + 1,
+        "{above} of {flows} flows above the reported p99 {p99}"
+    );
 }
