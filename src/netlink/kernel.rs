@@ -53,18 +53,21 @@ pub fn count(sock: &CtSocket) -> Result<u32, KernelError> {
             let msg = msg?;
             match msg.msg_type {
                 attr::MSG_CT_GET_STATS if msg.seq == seq => return Ok(codec::decode_count(&msg)?),
-                attr::NLMSG_ERROR => {
-                    let (errno, _) = codec::decode_error(&msg)?;
-                    if errno != 0 {
-                        return Err(KernelError::Refused {
-                            what: "count",
-                            source: io::Error::from_raw_os_error(-errno),
-                        });
-                    }
-                }
+                attr::NLMSG_ERROR => refused("count", &msg)?,
                 _ => {}
             }
         }
+    }
+}
+
+/// An `NLMSG_ERROR` answer to `what`: an error unless it is an acknowledgement.
+fn refused(what: &'static str, msg: &codec::RawMessage<'_>) -> Result<(), KernelError> {
+    match codec::decode_error(msg)? {
+        (0, _) => Ok(()),
+        (errno, _) => Err(KernelError::Refused {
+            what,
+            source: io::Error::from_raw_os_error(-errno),
+        }),
     }
 }
 
@@ -85,15 +88,7 @@ pub fn dump(sock: &CtSocket, mut on_flow: impl FnMut(CtMessage)) -> Result<u64, 
             let msg = msg?;
             match msg.msg_type {
                 attr::NLMSG_DONE => return Ok(undecodable),
-                attr::NLMSG_ERROR => {
-                    let (errno, _) = codec::decode_error(&msg)?;
-                    if errno != 0 {
-                        return Err(KernelError::Refused {
-                            what: "dump",
-                            source: io::Error::from_raw_os_error(-errno),
-                        });
-                    }
-                }
+                attr::NLMSG_ERROR => refused("dump", &msg)?,
                 _ => match codec::decode_conntrack(&msg) {
                     Ok(ct) => on_flow(ct),
                     Err(e) => {
