@@ -517,6 +517,7 @@ impl Engine {
             }
             _ => {}
         }
+        self.collect_tombstones();
     }
 
     /// The next message for `peer`, if any is due. Call until it returns `None`.
@@ -617,6 +618,14 @@ impl Engine {
         for peer in &dead {
             self.disconnected(peer, now);
         }
+        self.collect_tombstones();
+        dead
+    }
+
+    /// Forgets the tombstones every peer has acknowledged. Run at each acknowledgement as well
+    /// as on the timer: in a burst of deletions, tombstones held until the next tick keep the
+    /// change index's log growing (and the source's memory with it) for the whole burst.
+    fn collect_tombstones(&mut self) {
         let acked_by_all = self
             .peers
             .values()
@@ -625,7 +634,11 @@ impl Engine {
             .unwrap_or(u64::MAX);
         self.index
             .collect_tombstones(acked_by_all, self.cfg.tombstone_limit);
-        dead
+    }
+
+    /// Deletions still remembered for peers that have not acknowledged them.
+    pub fn tombstones(&self) -> usize {
+        self.index.tombstones()
     }
 
     /// Whether every configured peer delivered its snapshot, or has been unreachable for longer
