@@ -47,7 +47,7 @@ const COMPACT_MIN: usize = 1024;
 /// Own flows ordered by change counter.
 ///
 /// A log of slots in version order, where a key's older versions are only marked dead (and
-/// swept out once they make up half of the log), and a hash table from each key to the
+/// swept out once they make up half of the log, or a quarter before it outgrows its memory), and a hash table from each key to the
 /// position of its current slot (rebuilt by the compaction, which moves slots). About 70 bytes
 /// per flow, against ~230 for an ordered map plus a map of keys, and no scan of live flows to
 /// collect tombstones.
@@ -66,6 +66,9 @@ pub struct ChangeIndex {
     collected_upto: u64,
     /// See [`COMPACT_MIN`] (lower in tests, to exercise compaction).
     compact_min: usize,
+    /// The longest the log has been in its current allocation: slots up to there are memory
+    /// already touched (see [`ChangeIndex::maybe_compact`]).
+    high_water: usize,
 }
 
 impl Default for ChangeIndex {
@@ -87,6 +90,7 @@ impl ChangeIndex {
             dropped_upto: 0,
             collected_upto: 0,
             compact_min: COMPACT_MIN,
+            high_water: 0,
         }
     }
 
@@ -228,32 +232,74 @@ impl ChangeIndex {
         self.dead += 1;
     }
 
-    /// Sweeps dead slots out once they are half of the log (amortised O(1) per change).
+    /// Sweeps dead slots out once they are half of the log, or a quarter of it when the log is
+    /// about to outgrow the memory it has used so far (amortised O(1) per change).
+    ///
+    /// In a burst of deletions every deleted flow leaves two dead slots (its last version, then
+    /// its tombstone once acknowledged), and until the sweep the log grows by one slot per
+    /// deletion, into memory it never touched. At half, deleting 250k flows grew the source's log
+    /// by 83k slots (5 MiB, most of its peak memory above the steady state); a quarter caps that
+    /// at 36k. Below the high-water mark the log reuses memory it already holds, and half keeps
+    /// the sweeps (a copy of the log each) half as frequent.
     fn maybe_compact(&mut self) {
-        if self.dead < self.compact_min || self.dead * 2 < self.slots.len() {
+        let len = self.slots.len();
+        let share = if len > self.high_water { 4 } else { 2 };
+        self.high_water = self.high_water.max(len);
+        if self.dead < self.compact_min || self.dead * share < len {
             return;
         }
+        let renumbering = Renumbering::of(&self.slots);
         self.slots.retain(|s| s.state != SlotState::Dead);
         self.dead = 0;
         if self.slots.capacity() > 4 * self.slots.len().max(self.compact_min) {
             self.slots.shrink_to(2 * self.slots.len());
+            self.high_water = self.high_water.min(self.slots.capacity());
         }
-        // Every slot moved: index them again (each key has exactly one slot left).
-        self.keys.clear();
-        let (slots, hasher) = (&self.slots, &self.hasher);
-        for (i, s) in slots.iter().enumerate() {
-            let ix = Ix {
-                slot: i as u32,
-                hash: hash32(hasher, &s.key),
-            };
-            self.keys
-                .insert_unique(spread(ix.hash), ix, |ix| spread(ix.hash));
+        // Every key's current slot survived the sweep (only superseded versions and collected
+        // tombstones are dead, and those were removed from the table): move its position down,
+        // without hashing any key again.
+        for ix in self.keys.iter_mut() {
+            ix.slot = renumbering.apply(ix.slot);
         }
     }
 
     /// Heap bytes held (for status and benchmarks).
     pub fn heap_bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<Slot>() + self.keys.allocation_size()
+    }
+}
+
+/// Where each surviving slot lands when the dead ones are swept out: its position minus the
+/// dead slots before it, counted from one bit per slot and a running count per 64 slots (~1.2
+/// bits per slot of scratch, against 32 for a table of new positions).
+struct Renumbering {
+    dead: Vec<u64>,
+    dead_before: Vec<u32>,
+}
+
+impl Renumbering {
+    fn of(slots: &[Slot]) -> Renumbering {
+        let mut dead = Vec::with_capacity(slots.len().div_ceil(64));
+        let mut dead_before = Vec::with_capacity(dead.capacity());
+        let mut count = 0u32;
+        for block in slots.chunks(64) {
+            let bits = block
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.state == SlotState::Dead)
+                .fold(0u64, |bits, (i, _)| bits | 1 << i);
+            dead.push(bits);
+            dead_before.push(count);
+            count += bits.count_ones();
+        }
+        Renumbering { dead, dead_before }
+    }
+
+    /// The new position of the surviving slot at `old`.
+    fn apply(&self, old: u32) -> u32 {
+        let (block, bit) = (old as usize / 64, old % 64);
+        let below = self.dead[block] & ((1u64 << bit) - 1);
+        old - self.dead_before[block] - below.count_ones()
     }
 }
 
@@ -322,6 +368,27 @@ mod tests {
         assert!(ix.timeout_stale(&key(7), 100, 9, 30));
     }
 
+    #[test]
+    fn renumbering_moves_each_survivor_down_by_the_dead_before_it() {
+        let mut ix = ChangeIndex::new();
+        for p in 0..200 {
+            ix.touch(key(p), false, 30, 0);
+        }
+        // Supersede every third key's slot (positions 0, 3, ... 198 die).
+        for p in (0..200).step_by(3) {
+            ix.touch(key(p), false, 30, 0);
+        }
+        let r = Renumbering::of(&ix.slots);
+        let mut expected = 0u32;
+        for (old, slot) in ix.slots.iter().enumerate() {
+            if slot.state != SlotState::Dead {
+                assert_eq!(r.apply(old as u32), expected, "slot {old}");
+                expected += 1;
+            }
+        }
+        assert_eq!(expected as usize, ix.slots.len() - ix.dead);
+    }
+
     proptest::proptest! {
         /// The log behaves like a plain map of key -> (version, deleted) with tombstones
         /// collected as the old ordered-map index did.
@@ -361,6 +428,9 @@ mod tests {
                 let tombs = model.values().filter(|(_, d)| *d).count();
                 proptest::prop_assert_eq!(ix.tombstones(), tombs);
                 proptest::prop_assert_eq!(ix.live(), model.len() - tombs);
+                for (k, (v, _)) in &model {
+                    proptest::prop_assert_eq!(ix.current(k).map(|s| s.version), Some(*v));
+                }
             }
         }
     }
