@@ -64,6 +64,14 @@ fn compare_runs_end_to_end() {
         assert!(v.is_finite() && v > 0.0, "ctsync {metric} = {v}: {report}");
     }
     assert!(value("raw", "raw_commit_s").is_some(), "{report}");
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
+        // Checked against the kernel by ctsync-compare itself, for every daemon it starts.
+        let placement = report["meta"]["placement"].as_str().unwrap_or_default();
+        assert!(
+            placement.contains("CPU 0") && placement.contains("CPU 1"),
+            "each node's daemon should have a CPU of its own: {placement}"
+        );
+    }
     let p99 = value("ctsync", "latency_p99_ms").unwrap_or(f64::NAN);
     assert!(p99.is_finite(), "latency p99 = {p99}");
     let dump = std::fs::read_to_string(dumps.join("ctsync-1.txt"));

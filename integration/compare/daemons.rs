@@ -15,6 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Which implementation.
@@ -151,6 +152,7 @@ impl Daemon {
             .stdout(log.try_clone()?)
             .stderr(log);
         let join = self.meter.as_ref().map(CpuMeter::join_path);
+        let cpu = node_cpu(self.node).map(cpu_set);
         // SAFETY: only pthread_sigmask, open, write and close run between fork and exec, all
         // async-signal-safe, on a path built before the fork. This process blocks termination
         // signals for its signal thread; the daemon would inherit the mask and never see our
@@ -161,6 +163,13 @@ impl Daemon {
                 crate::lab::unblock_termination_signals();
                 if let Some(path) = &join {
                     CpuMeter::join_self(path)?;
+                }
+                if let Some(set) = &cpu {
+                    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this
+                    // process, between fork and exec (sched_setaffinity is a plain system call).
+                    if libc::sched_setaffinity(0, std::mem::size_of_val(set), set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -197,6 +206,7 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.check_placement()?;
         self.idle_rss = self.proc_status("VmRSS").unwrap_or(0);
         Ok(())
     }
@@ -272,6 +282,27 @@ impl Daemon {
             }
         }
         Ok(t0.elapsed())
+    }
+
+    /// Fails unless the daemon runs where [`node_cpu`] put it (read back from the kernel).
+    fn check_placement(&self) -> Result<()> {
+        let Some(cpu) = node_cpu(self.node) else {
+            return Ok(());
+        };
+        let pid = self.pid().context("the daemon is gone")?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let allowed = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(str::trim)
+            .unwrap_or("?");
+        ensure!(
+            allowed == cpu.to_string(),
+            "{} of node {} may run on CPUs {allowed}, not on CPU {cpu} alone",
+            self.kind.name(),
+            self.node
+        );
+        Ok(())
     }
 
     fn proc_status(&self, field: &str) -> Option<u64> {
@@ -376,6 +407,39 @@ struct CpuMeter {
 
 /// Where cgroup v1 mounts its CPU accounting controller.
 const CPUACCT_V1: &str = "/sys/fs/cgroup/cpuacct";
+
+/// Whether each node's daemon runs on a CPU of its own (cleared by `--shared-cpus`).
+pub static OWN_CPU: AtomicBool = AtomicBool::new(true);
+
+/// The CPU node `node`'s daemon (and every process and thread it starts) is confined to: A on
+/// the first CPU this process may use, B on the second, as if each node were a machine of its
+/// own. Both implementations alike. Left to the kernel, ctsync's daemons (which stay on the CPU
+/// they start on, by default) shared one CPU in about half of the runs, and conntrackd's could
+/// share one at any moment: the figures then depended on that draw (ctsync's p99 latency 1-2 ms
+/// on CPUs of their own, up to 8.6 ms on a shared one, 3 runs each).
+fn node_cpu(node: usize) -> Option<usize> {
+    if !OWN_CPU.load(Ordering::Relaxed) {
+        return None;
+    }
+    let cpus = ctsync::process::allowed_cpus().ok()?;
+    (cpus.len() >= 2).then(|| cpus[node % cpus.len()])
+}
+
+/// Where the daemons run, for the report's header.
+pub fn placement() -> String {
+    match (node_cpu(0), node_cpu(1)) {
+        (Some(a), Some(b)) => format!("A's daemon on CPU {a}, B's on CPU {b} (a CPU per node)"),
+        _ => "wherever the kernel puts them (--shared-cpus, or one CPU)".into(),
+    }
+}
+
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: an all-zero cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` comes from the allowed set, below the set's 1024 bits.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
 
 /// How daemons' CPU time is read on this machine, for the report's header.
 pub fn cpu_clock() -> &'static str {

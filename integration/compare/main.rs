@@ -86,6 +86,10 @@ pub struct Args {
     /// Skip the steady-rate latency measurement.
     #[arg(long)]
     no_latency: bool,
+    /// Let the kernel place both daemons on any CPU (by default A's runs on one CPU and B's on
+    /// another, as on two machines).
+    #[arg(long)]
+    shared_cpus: bool,
     /// Flows per second of the latency measurement.
     #[arg(long, default_value_t = 10_000)]
     latency_rate: usize,
@@ -109,6 +113,7 @@ pub struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    daemons::OWN_CPU.store(!args.shared_cpus, std::sync::atomic::Ordering::Relaxed);
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

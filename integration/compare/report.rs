@@ -162,6 +162,8 @@ struct Meta {
     loadavg_start: String,
     loadavg_end: String,
     cpu_clock: &'static str,
+    /// Which CPU each node's daemon runs on.
+    placement: String,
     latency_rate: usize,
     latency_secs: usize,
 }
@@ -216,6 +218,7 @@ impl Report {
                 loadavg_start: crate::lab::loadavg(),
                 loadavg_end: String::new(),
                 cpu_clock: crate::daemons::cpu_clock(),
+                placement: crate::daemons::placement(),
                 latency_rate: args.latency_rate,
                 latency_secs: args.latency_secs,
             },
@@ -376,6 +379,7 @@ impl Report {
             m.loadavg_start, m.loadavg_end
         );
         println!("daemons' CPU time read from {}", m.cpu_clock);
+        println!("daemons: {}", m.placement);
         let mut flows: Vec<usize> = self.samples.keys().map(|k| k.1).collect();
         flows.sort_unstable();
         flows.dedup();
