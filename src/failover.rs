@@ -87,6 +87,7 @@ impl Job {
     }
 
     fn run(self) -> JobDone {
+        let flows = self.flows();
         let Job {
             kind,
             mut writer,
@@ -94,7 +95,6 @@ impl Job {
             known,
             deletes,
         } = self;
-        let flows = fresh.len() + known.len() + deletes.len();
         let result = writer
             .upsert_fresh(&fresh, &known)
             .and_then(|mut r| {
