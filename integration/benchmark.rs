@@ -64,6 +64,11 @@ fn compare_runs_end_to_end() {
         assert!(v.is_finite() && v > 0.0, "ctsync {metric} = {v}: {report}");
     }
     assert!(value("raw", "raw_commit_s").is_some(), "{report}");
+    // The commit's kernel floor: the same full messages, written by a raw writer.
+    for metric in ["raw_commit_full_s", "floor_create_writer_cpu_s"] {
+        let v = value("raw", metric).unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "raw {metric} = {v}: {report}");
+    }
     if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2) {
         // Checked against the kernel by ctsync-compare itself, for every daemon it starts.
         let placement = report["meta"]["placement"].as_str().unwrap_or_default();
@@ -82,9 +87,11 @@ fn compare_runs_end_to_end() {
             value("conntrackd", "replication_s").is_some(),
             "conntrackd is installed but was not measured: {report}"
         );
+        let targets = report["targets"].as_array().cloned().unwrap_or_default();
+        assert!(!targets.is_empty(), "no targets evaluated: {report}");
         assert!(
-            report["targets"].as_array().is_some_and(|t| !t.is_empty()),
-            "no targets evaluated: {report}"
+            targets.iter().any(|t| t["subject"] == "raw writer"),
+            "the commit's kernel floor was not set against conntrackd: {report}"
         );
     } else {
         let notes = report["notes"].to_string();

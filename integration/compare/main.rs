@@ -732,36 +732,86 @@ fn raw_commit(flows: &[Flow]) -> Result<Sample> {
 }
 
 /// The kernel's share of a scenario's CPU, which no daemon can avoid, measured with raw
-/// sockets in an empty namespace: one batched writer (one socket; creations are serialised
-/// under the ctnetlink lock, a second one would only spin) creates the N flows while a
-/// listener receives their N events without decoding them, then deletes them while the
-/// listener receives N more. The kernel charges each side's work to its thread.
+/// sockets in two empty namespaces standing for A and B, one batched writer each (one socket:
+/// creations are serialised under the ctnetlink lock, a second one would only spin) and one
+/// listener each that receives events without decoding them:
+/// - A's writer creates the N flows while A's listener receives their N events (replication);
+/// - B's writer creates the same N flows as a commit writes them (full messages: NAT, TCP
+///   state, mark, zone, labels) while A's N flows are still in the kernel, as they are during a
+///   scenario's commit (the kernel's conntrack hash table is shared by every namespace);
+/// - A's writer deletes the N flows while A's listener receives N more events (delete burst).
 ///
-/// A daemon pair pays in a scenario at least: B's writer for the commit (with the kernel
-/// building an event per creation, since B listens), A's listener for the creations
-/// (replication) and for the deletions (delete burst). B reading back the events of its own
-/// creations is not counted: it can be avoided (ctsyncd has the kernel drop them; conntrackd
-/// reads them). Sending flows between the nodes (TCP or UDP) is not counted either: the floor
-/// is the kernel table's work only.
+/// The kernel charges each side's work to its thread. The floor is B's writer for the commit
+/// (with the kernel building an event per creation, since B listens) and A's listener twice.
+/// B reading back the events of its own creations is not counted: it can be avoided (ctsyncd
+/// has the kernel drop them; conntrackd reads them). Sending flows between the nodes (TCP or
+/// UDP) is not counted either: the floor is the kernel table's work only.
 fn kernel_cpu_floor(flows: &[Flow], s: &mut Sample) -> Result<()> {
-    let ns = Netns::create()?;
-    let listener = ns.run(|| rawnl::RawNl::listener(512 << 20))??;
-    listener.set_recv_timeout(Duration::from_millis(50))?;
-    let writer = ns.run(rawnl::RawNl::writer)??;
+    let (a, b) = (RawSide::create()?, RawSide::create()?);
     let n = flows.len() as u64;
     let creates = rawnl::build_batches(flows, 0, rawnl::raw_create);
+    let commits = rawnl::build_batches(flows, 0, commit_create);
     let deletes = rawnl::build_batches(flows, n as u32, rawnl::raw_delete);
-    let phase = |batches: &rawnl::Batches| -> Result<(f64, rawnl::Listened)> {
+    let (_, _, create_heard) = a.write(&creates, n)?;
+    let (commit_cpu, commit_wall, _) = b.write(&commits, n)?;
+    let (_, _, delete_heard) = a.write(&deletes, n)?;
+    let listen_create = create_heard.cpu.as_secs_f64();
+    let listen_delete = delete_heard.cpu.as_secs_f64();
+    s.set("raw_commit_full_s", commit_wall);
+    s.set("floor_create_writer_cpu_s", commit_cpu);
+    s.set("floor_create_events_cpu_s", listen_create);
+    s.set("floor_delete_events_cpu_s", listen_delete);
+    s.set(
+        "kernel_cpu_floor_s",
+        commit_cpu + listen_create + listen_delete,
+    );
+    Ok(())
+}
+
+/// A creation as ctsyncd's commit writes it (the codec's own encoder, no ACK).
+fn commit_create(buf: &mut Vec<u8>, f: &Flow, seq: u32) {
+    netlink::codec::encode_write(buf, netlink::WriteOp::Create, f, seq, false);
+}
+
+/// A namespace with a raw writer and a raw listener, for [`kernel_cpu_floor`].
+struct RawSide {
+    _ns: Netns,
+    writer: rawnl::RawNl,
+    listener: rawnl::RawNl,
+}
+
+impl RawSide {
+    fn create() -> Result<RawSide> {
+        let ns = Netns::create()?;
+        let listener = ns.run(|| rawnl::RawNl::listener(512 << 20))??;
+        listener.set_recv_timeout(Duration::from_millis(50))?;
+        let writer = ns.run(rawnl::RawNl::writer)??;
+        Ok(RawSide {
+            _ns: ns,
+            writer,
+            listener,
+        })
+    }
+
+    /// Sends `batches` while the listener receives the `n` events they cause; returns the
+    /// writer's CPU seconds, its wall-clock seconds and what the listener heard.
+    fn write(&self, batches: &rawnl::Batches, n: u64) -> Result<(f64, f64, rawnl::Listened)> {
         std::thread::scope(|sc| {
-            let heard = sc.spawn(|| rawnl::raw_listen(&listener, n, Duration::from_secs(2)));
-            let cpu0 = rawnl::thread_cpu();
-            let sent = rawnl::send_batches(&writer, batches);
+            let heard = sc.spawn(|| rawnl::raw_listen(&self.listener, n, Duration::from_secs(2)));
+            let (cpu0, t0) = (rawnl::thread_cpu(), Instant::now());
+            let sent = rawnl::send_batches(&self.writer, batches);
+            let wall = t0.elapsed().as_secs_f64();
             let cpu = (rawnl::thread_cpu() - cpu0).as_secs_f64();
             let heard = heard
                 .join()
                 .map_err(|_| anyhow::anyhow!("raw listener panicked"))??;
             let sent = sent?;
-            ensure!(sent.errors == 0, "raw writer: {} errors", sent.errors);
+            ensure!(
+                sent.errors == 0,
+                "raw writer: {} errors (first errno {})",
+                sent.errors,
+                sent.first_errno
+            );
             if heard.msgs < n {
                 eprintln!(
                     "warning: raw listener heard {} of {n} events ({} overruns): the CPU floor \
@@ -769,21 +819,9 @@ fn kernel_cpu_floor(flows: &[Flow], s: &mut Sample) -> Result<()> {
                     heard.msgs, heard.overruns
                 );
             }
-            Ok((cpu, heard))
+            Ok((cpu, wall, heard))
         })
-    };
-    let (create_cpu, create_heard) = phase(&creates)?;
-    let (_, delete_heard) = phase(&deletes)?;
-    let listen_create = create_heard.cpu.as_secs_f64();
-    let listen_delete = delete_heard.cpu.as_secs_f64();
-    s.set("floor_create_writer_cpu_s", create_cpu);
-    s.set("floor_create_events_cpu_s", listen_create);
-    s.set("floor_delete_events_cpu_s", listen_delete);
-    s.set(
-        "kernel_cpu_floor_s",
-        create_cpu + listen_create + listen_delete,
-    );
-    Ok(())
+    }
 }
 
 fn raw_write_once(flows: &[Flow], listener: bool) -> Result<f64> {
