@@ -755,6 +755,7 @@ fn kernel_cpu_floor(flows: &[Flow], s: &mut Sample) -> Result<()> {
     let (_, _, create_heard) = a.write(&creates, n)?;
     let (commit_cpu, commit_wall, _) = b.write(&commits, n)?;
     let (_, _, delete_heard) = a.write(&deletes, n)?;
+    b.ns.run(rawnl::raw_flush)??;
     let listen_create = create_heard.cpu.as_secs_f64();
     let listen_delete = delete_heard.cpu.as_secs_f64();
     s.set("raw_commit_full_s", commit_wall);
@@ -774,8 +775,12 @@ fn commit_create(buf: &mut Vec<u8>, f: &Flow, seq: u32) {
 }
 
 /// A namespace with a raw writer and a raw listener, for [`kernel_cpu_floor`].
+///
+/// Its table must be emptied before it is dropped: a namespace's remaining entries are freed
+/// by a kernel worker after its deletion, which would still be running when the next
+/// measurement starts.
 struct RawSide {
-    _ns: Netns,
+    ns: Netns,
     writer: rawnl::RawNl,
     listener: rawnl::RawNl,
 }
@@ -787,7 +792,7 @@ impl RawSide {
         listener.set_recv_timeout(Duration::from_millis(50))?;
         let writer = ns.run(rawnl::RawNl::writer)??;
         Ok(RawSide {
-            _ns: ns,
+            ns,
             writer,
             listener,
         })
@@ -851,6 +856,8 @@ fn raw_write_once(flows: &[Flow], listener: bool) -> Result<f64> {
     if let Some(d) = drain {
         let _ = d.join();
     }
+    // As in `RawSide`: freed now rather than by a kernel worker during the next measurement.
+    ns.run(rawnl::raw_flush)??;
     let t = t?;
     ensure!(
         t.outcome.errors == 0,
