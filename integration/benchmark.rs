@@ -64,6 +64,8 @@ fn compare_runs_end_to_end() {
         assert!(v.is_finite() && v > 0.0, "ctsync {metric} = {v}: {report}");
     }
     assert!(value("raw", "raw_commit_s").is_some(), "{report}");
+    // ctsyncd does not read back the events of its own commit, so they cannot overflow it.
+    assert_eq!(value("ctsync", "commit_overruns_b"), Some(0.0), "{report}");
     // The commit's kernel floor: the same full messages, written by a raw writer.
     for metric in ["raw_commit_full_s", "floor_create_writer_cpu_s"] {
         let v = value("raw", metric).unwrap_or(f64::NAN);

@@ -270,6 +270,27 @@ impl Daemon {
         }
     }
 
+    /// Overruns of the daemon's kernel event socket so far (the kernel dropped events because
+    /// the socket was full). Each one costs conntrackd, 1 s later (`NetlinkOverrunResync 1`), a
+    /// dump of the kernel table and a query per cached entry; ctsyncd reconciles with a dump.
+    pub fn event_overruns(&self) -> Result<u64> {
+        match self.kind {
+            Kind::Ctsync => {
+                let body =
+                    control::request(&self.socket, &Request::Stats, Duration::from_secs(10))?;
+                let v: serde_json::Value = serde_json::from_str(&body)?;
+                v["kernel"]["overruns"]
+                    .as_u64()
+                    .context("no kernel.overruns in ctsyncd's stats")
+            }
+            Kind::Conntrackd => {
+                let text = conntrackd_request(&self.socket, STATS_RUNTIME)?;
+                netlink_overruns(&text)
+                    .with_context(|| format!("no netlink overrun count in: {text}"))
+            }
+        }
+    }
+
     /// Commits the external cache into the kernel; returns when the daemon says it is done.
     pub fn commit(&self) -> Result<Duration> {
         let t0 = Instant::now();
@@ -655,6 +676,7 @@ fn conntrackd_conf(node: usize, mode: Mode, socket: &Path, dir: &Path) -> String
 /// conntrackd's UNIX-socket requests (`include/conntrackd.h`).
 const CT_COMMIT: i32 = 18;
 const STATS: i32 = 21;
+const STATS_RUNTIME: i32 = 30;
 
 /// Sends one request code and reads the text answer until the daemon closes the connection.
 fn conntrackd_request(socket: &Path, code: i32) -> Result<String> {
@@ -676,9 +698,25 @@ fn external_active(text: &str) -> Option<u64> {
     line.split_whitespace().last()?.parse().ok()
 }
 
+/// The "netlink overrun:" count of `conntrackd -s runtime`.
+fn netlink_overruns(text: &str) -> Option<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("netlink overrun:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_conntrackd_overrun_count() {
+        let text = "netlink stats:\n\tevents received:\t 250000\n\tnetlink overrun:\t\t   3\n\
+                    \tflush kernel table:\t 0\n";
+        assert_eq!(netlink_overruns(text), Some(3));
+        assert_eq!(netlink_overruns("runtime stats:\n"), None);
+    }
 
     #[test]
     fn reads_conntrackd_external_count() {

@@ -470,6 +470,7 @@ fn scenario(kind: Kind, flows: &[Flow], base: &Path, args: &Args) -> Result<Samp
         kernel_matches(&pair.ns[1], flows)? as f64 / n as f64,
     );
     cpu.skip(&a, &b);
+    s.set("commit_overruns_b", b.event_overruns()? as f64);
 
     b.stop();
     // Apart from the resync: a daemon's exit work (conntrackd frees its caches entry by entry)

@@ -45,6 +45,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "raw writer, N full creations, listened, A's N in kernel",
     ),
     (
+        "commit_overruns_b",
+        "",
+        "B's event socket overruns by the commit's end",
+    ),
+    (
         "commit_completeness",
         "",
         "commit completeness (keys in B's kernel)",
@@ -357,15 +362,7 @@ impl Report {
         bound: f64,
     ) -> Option<Verdict> {
         let ours = self.med("ctsync", flows, metric)?;
-        let theirs = self.med("conntrackd", flows, metric);
-        Some(Verdict {
-            target: target.into(),
-            flows,
-            subject: "ctsync",
-            ctsync: ours,
-            conntrackd: theirs,
-            met: theirs.map(|t| ours <= bound * t),
-        })
+        Some(self.against_conntrackd(target, flows, ("ctsync", ours), metric, bound))
     }
 
     /// Whether the kernel alone (the raw writer's `floor` metric) stays within `bound` times
@@ -379,15 +376,27 @@ impl Report {
         bound: f64,
     ) -> Option<Verdict> {
         let raw = self.med("raw", flows, floor)?;
+        Some(self.against_conntrackd(target, flows, ("raw writer", raw), metric, bound))
+    }
+
+    /// `subject`'s figure against `bound` times conntrackd's median `metric`.
+    fn against_conntrackd(
+        &self,
+        target: &str,
+        flows: usize,
+        (subject, ours): (&'static str, f64),
+        metric: &'static str,
+        bound: f64,
+    ) -> Verdict {
         let theirs = self.med("conntrackd", flows, metric);
-        Some(Verdict {
+        Verdict {
             target: target.into(),
             flows,
-            subject: "raw writer",
-            ctsync: raw,
+            subject,
+            ctsync: ours,
             conntrackd: theirs,
-            met: theirs.map(|t| raw <= bound * t),
-        })
+            met: theirs.map(|t| ours <= bound * t),
+        }
     }
 
     pub fn json(&self) -> serde_json::Value {
