@@ -51,8 +51,14 @@ pub const LINK_ADDR: [&str; 2] = ["10.251.0.1", "10.251.0.2"];
 /// ctsync's gRPC port; conntrackd's UDP port.
 pub const CTSYNC_PORT: u16 = 7400;
 pub const CONNTRACKD_PORT: u16 = 3780;
-/// Kernel event buffer of both daemons: holds a 250k burst without overrun.
+/// ctsyncd's kernel event buffer: holds a 250k burst without overrun.
 const EVENT_BUFFER: usize = 256 << 20;
+
+/// conntrackd's event buffer: twice ctsyncd's. conntrackd reads back the events of its own
+/// commit (ctsyncd has the kernel drop them); at 250k flows they can fill 256 MiB while its
+/// commit child holds their CPU, and each overrun then costs it a dump of the kernel table and
+/// a query per entry (~3 CPU seconds, in about half of the runs measured at 256 MiB).
+const CONNTRACKD_EVENT_BUFFER: usize = 512 << 20;
 
 /// CPU and memory of one daemon process (or of the successive processes of one node).
 #[derive(Debug, Clone, Copy, Default)]
@@ -640,7 +646,7 @@ pub fn make_pki(dir: &Path) -> Result<()> {
 }
 
 /// conntrackd's config: FTFW over UDP on the sync link, as the upstream examples, with the
-/// sizes raised so that the comparison is not lost to defaults: an event buffer as large as
+/// sizes raised so that the comparison is not lost to defaults: an event buffer twice
 /// ctsync's, a resend queue and hash limit above N (the defaults, 131072 and 262144, would drop
 /// state at 250k), socket buffers of 64 MiB, and an overrun resync after 1 s instead of 30 s.
 /// `StartupResync` makes a restarted node ask for the table, as ctsync does by itself.
@@ -661,7 +667,7 @@ fn conntrackd_conf(node: usize, mode: Mode, socket: &Path, dir: &Path) -> String
          \tLogFile {dir}/conntrackd-{node}.file.log\n\tSyslog off\n\
          \tLockFile {dir}/conntrackd-{node}.lock\n\
          \tUNIX {{\n\t\tPath {socket}\n\t}}\n\
-         \tNetlinkBufferSize {EVENT_BUFFER}\n\tNetlinkBufferSizeMaxGrowth {max}\n\
+         \tNetlinkBufferSize {CONNTRACKD_EVENT_BUFFER}\n\tNetlinkBufferSizeMaxGrowth {max}\n\
          \tNetlinkOverrunResync 1\n\
          }}\n",
         local = LINK_ADDR[node],
@@ -669,7 +675,7 @@ fn conntrackd_conf(node: usize, mode: Mode, socket: &Path, dir: &Path) -> String
         iface = crate::link_name(node),
         dir = dir.display(),
         socket = socket.display(),
-        max = EVENT_BUFFER * 2,
+        max = CONNTRACKD_EVENT_BUFFER * 2,
     )
 }
 
