@@ -260,14 +260,7 @@ impl Daemon {
     /// Flows in the external cache.
     pub fn external_count(&self) -> Result<u64> {
         match self.kind {
-            Kind::Ctsync => {
-                let body =
-                    control::request(&self.socket, &Request::Stats, Duration::from_secs(10))?;
-                let v: serde_json::Value = serde_json::from_str(&body)?;
-                v["external_flows"]
-                    .as_u64()
-                    .context("no external_flows in ctsyncd's stats")
-            }
+            Kind::Ctsync => self.ctsync_stat(&["external_flows"]),
             Kind::Conntrackd => {
                 let text = conntrackd_request(&self.socket, STATS)?;
                 external_active(&text)
@@ -281,20 +274,23 @@ impl Daemon {
     /// dump of the kernel table and a query per cached entry; ctsyncd reconciles with a dump.
     pub fn event_overruns(&self) -> Result<u64> {
         match self.kind {
-            Kind::Ctsync => {
-                let body =
-                    control::request(&self.socket, &Request::Stats, Duration::from_secs(10))?;
-                let v: serde_json::Value = serde_json::from_str(&body)?;
-                v["kernel"]["overruns"]
-                    .as_u64()
-                    .context("no kernel.overruns in ctsyncd's stats")
-            }
+            Kind::Ctsync => self.ctsync_stat(&["kernel", "overruns"]),
             Kind::Conntrackd => {
                 let text = conntrackd_request(&self.socket, STATS_RUNTIME)?;
                 netlink_overruns(&text)
                     .with_context(|| format!("no netlink overrun count in: {text}"))
             }
         }
+    }
+
+    /// The counter at `path` in ctsyncd's stats (`syncctl stats --json`).
+    fn ctsync_stat(&self, path: &[&str]) -> Result<u64> {
+        let body = control::request(&self.socket, &Request::Stats, Duration::from_secs(10))?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        path.iter()
+            .fold(&v, |v, key| &v[*key])
+            .as_u64()
+            .with_context(|| format!("no {} in ctsyncd's stats", path.join(".")))
     }
 
     /// Commits the external cache into the kernel; returns when the daemon says it is done.
