@@ -1488,3 +1488,164 @@ fn status_reports_the_peer() {
     .expect("ready --json is JSON");
     assert_eq!(json, serde_json::json!({ "ready": true }));
 }
+
+/// Flows created in a namespace by a writer of its own (not ctsync's: their events are foreign),
+/// a few at a time, until told to stop or out of flows; counts what it created.
+struct ForeignCreator {
+    created: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ForeignCreator {
+    /// Starts creating `flows` in `ns`, 10 every millisecond.
+    fn start(ns: &Netns, flows: Vec<Flow>) -> ForeignCreator {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let created = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = ns.name().to_string();
+        let (c, s) = (created.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            ctsync::netns::run_in(&name, move || {
+                let mut w = ctsync::netlink::Writer::open(1, &ctsync::netlink::Origins::new())
+                    .unwrap_or_else(|e| panic!("foreign writer: {e}"));
+                for batch in flows.chunks(10) {
+                    if s.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let r = w
+                        .upsert(batch)
+                        .unwrap_or_else(|e| panic!("foreign writer: {e}"));
+                    assert_eq!(r.created, batch.len() as u64, "{}", kernel::describe(&r));
+                    c.fetch_add(batch.len(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+            .unwrap_or_else(|e| panic!("cannot enter {name}: {e}"));
+        });
+        ForeignCreator {
+            created,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn created(&self) -> usize {
+        self.created.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops and returns how many flows were created.
+    fn finish(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if let Err(p) = t.join() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        self.created()
+    }
+}
+
+impl Drop for ForeignCreator {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A counter of `syncctl status --json` under `kernel.stats`.
+fn mirror_stat(st: &Value, name: &str) -> u64 {
+    st["kernel"]["stats"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no kernel.stats.{name} in {st}"))
+}
+
+/// Acceptance: a promotion commits with creation events muted and still knows, once done, every
+/// flow created in its kernel meanwhile by others (the re-read after the commit finds them):
+/// fewer creation events arrive than flows were created, none of them is missing from the
+/// internal cache, and the committed flows are in the kernel.
+#[test]
+fn promotion_mutes_creation_events_and_misses_no_flow() {
+    if !require_root() {
+        return;
+    }
+    let _serial = exclusive();
+    const N: usize = 50_000;
+    const FOREIGN: usize = 30_000;
+    let since = Instant::now();
+    let p = Pair::start();
+    let all = flows::mixed(N + FOREIGN);
+    let (replicated, foreign) = all.split_at(N);
+    inject(&p.a_ns, replicated);
+    wait_replicated(
+        &p.b,
+        "fwa",
+        &p.a_ns,
+        &["fwa"],
+        Slack::Since(since),
+        REPLICATION_DEADLINE,
+    );
+    let before = p.b.status().unwrap_or_else(|e| panic!("{e}"));
+
+    let creator = ForeignCreator::start(&p.b_ns, foreign.to_vec());
+    wait_for(
+        "the foreign writer to start",
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || {
+            (creator.created() > 0)
+                .then_some(())
+                .ok_or("none yet".to_string())
+        },
+    );
+    let t = Instant::now();
+    p.b.syncctl(&["promote"])
+        .unwrap_or_else(|e| panic!("promote: {e}"));
+    let promote_took = t.elapsed();
+    std::thread::sleep(Duration::from_millis(50));
+    let created = creator.finish();
+    assert!(
+        created < FOREIGN,
+        "the foreign writer ran out of flows before the promotion ended"
+    );
+
+    let foreign_keys: Vec<_> = foreign[..created].iter().map(|f| f.key).collect();
+    let st = wait_for(
+        "fwb's internal cache to hold every foreign flow after the promotion",
+        RESYNC_DEADLINE,
+        Duration::from_millis(100),
+        || {
+            let st = p.b.status()?;
+            if st["kernel"]["dump_running"] != false || st["kernel"]["synced"] != true {
+                return Err(format!("re-read of the table not done: {}", st["kernel"]));
+            }
+            let held: HashSet<_> = p.b.dump_internal()?.into_iter().map(|f| f.key).collect();
+            let missing = foreign_keys.iter().filter(|k| !held.contains(k)).count();
+            match missing {
+                0 => Ok(st),
+                m => Err(format!("{m} of {created} foreign flows missing")),
+            }
+        },
+    );
+    assert_eq!(mirror_stat(&st, "creations_muted"), 1, "{}", st["kernel"]);
+    let heard = mirror_stat(&st, "events_new") - mirror_stat(&before, "events_new");
+    assert!(
+        (heard as usize) < created,
+        "{heard} creation events heard for {created} foreign creations: nothing was muted"
+    );
+    let in_kernel: HashSet<_> = kernel_flows(&p.b_ns).into_iter().map(|f| f.key).collect();
+    let uncommitted = replicated
+        .iter()
+        .filter(|f| !in_kernel.contains(&f.key))
+        .count();
+    assert_eq!(uncommitted, 0, "flows of fwa missing from fwb's kernel");
+    println!(
+        "promotion_mutes_creation_events_and_misses_no_flow: {N} flows promoted in {:.0} ms; \
+         {created} foreign creations meanwhile, {} of them known from the re-read, not events",
+        promote_took.as_secs_f64() * 1e3,
+        created - heard as usize
+    );
+}

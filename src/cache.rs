@@ -171,6 +171,10 @@ pub struct MirrorStats {
     pub resync_repairs: u64,
     /// Events that arrived after a reconciliation had grown past its replay bound.
     pub replay_overflows: u64,
+    /// Promotions whose commit ran with creation events muted, each followed by a re-read of
+    /// the table (see [`Mirror::creations_unheard`]).
+    #[serde(default)]
+    pub creations_muted: u64,
 }
 
 /// Bound on the events kept for replay while a dump runs; past it the dump is redone.
@@ -278,8 +282,21 @@ impl Mirror {
     /// Some creations applied by [`Mirror::own_creations`] failed in the kernel (or the write
     /// failed as a whole): re-read the table, without suspecting the rest of the mirror.
     pub fn own_creations_failed(&mut self) -> MirrorAction {
+        self.reread()
+    }
+
+    /// Creation events were muted for a while (see [`crate::netlink::CreationSwitch`]) and are
+    /// heard again: entries created meanwhile are known only to the kernel. Re-reads the table
+    /// without suspecting the rest of the mirror.
+    pub fn creations_unheard(&mut self) -> MirrorAction {
+        self.stats.creations_muted += 1;
+        self.reread()
+    }
+
+    /// Re-reads the table; a dump already running may have passed what must be read, so it is
+    /// redone once it ends.
+    fn reread(&mut self) -> MirrorAction {
         if self.replay.is_some() {
-            // The running dump may have started before the failure: its replay holds the flows.
             self.dump_again = true;
             return MirrorAction::None;
         }
@@ -592,6 +609,30 @@ mod tests {
         m.own_creations(vec![flow(5)]);
         assert_eq!(m.own_creations_failed(), MirrorAction::None);
         assert_eq!(m.dump_complete(vec![]).1, MirrorAction::StartDump);
+    }
+
+    #[test]
+    fn creations_made_while_muted_are_read_from_the_kernel() {
+        let mut m = Mirror::new();
+        m.start();
+        m.dump_complete(vec![flow(1)]);
+        // flow(2) was created while creation events were muted: only a dump can tell.
+        assert_eq!(m.creations_unheard(), MirrorAction::StartDump);
+        assert!(m.is_synced(), "the rest of the mirror is not suspected");
+        let (changes, action) = m.dump_complete(vec![flow(1), flow(2)]);
+        assert_eq!(action, MirrorAction::None);
+        assert_eq!(changes, vec![Change::Upsert(flow(2).key)]);
+        assert_eq!(m.stats().creations_muted, 1);
+        // A dump that started while muted may have passed such a creation: it runs again.
+        assert_eq!(m.refresh(), MirrorAction::StartDump);
+        assert_eq!(m.creations_unheard(), MirrorAction::None);
+        assert_eq!(
+            m.dump_complete(vec![flow(1), flow(2)]).1,
+            MirrorAction::StartDump
+        );
+        let (changes, action) = m.dump_complete(vec![flow(1), flow(2), flow(3)]);
+        assert_eq!(action, MirrorAction::None);
+        assert_eq!(changes, vec![Change::Upsert(flow(3).key)]);
     }
 
     #[test]

@@ -17,7 +17,9 @@ use crate::cache::{FlowTable, Mirror, MirrorAction};
 use crate::config::Config;
 use crate::control::{self, CacheName, CacheStatus, Call, KernelStatus, Reply, Request};
 use crate::failover::{AfterJob, Failover, JobDone, JobKind};
-use crate::netlink::{self, CtSocket, EventSource, KernelError, KernelEvent, Origins, Writer};
+use crate::netlink::{
+    self, CreationSwitch, CtSocket, EventSource, KernelError, KernelEvent, Origins, Writer,
+};
 use crate::replication::{Replication, ReplicationError};
 use crate::transport::grpc::TransportEvent;
 use std::future::Future;
@@ -89,6 +91,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     }
     let writer = Writer::open(cfg.kernel.write_sockets, &origins)?;
     events.hide_own_creations(&writer.quiet_portids())?;
+    let creations = events.creation_switch()?;
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     spawn_event_reader(events, event_tx, stop.clone())?;
     let (dump_req, dump_rx) = spawn_dumper(CtSocket::open().map_err(KernelError::from)?)?;
@@ -117,6 +120,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         dump_req,
         repl: None,
         failover,
+        creations,
         waiting: Vec::new(),
         rebuild_pending: false,
         notifier: crate::notify::Notifier::from_env(),
@@ -270,6 +274,8 @@ struct State<'a> {
     dump_req: std::sync::mpsc::Sender<()>,
     repl: Option<Replication>,
     failover: Failover,
+    /// Creation events are muted while a promotion commits.
+    creations: CreationSwitch,
     /// Control clients waiting for a commit (or promotion) to finish.
     waiting: Vec<tokio::sync::oneshot::Sender<Reply>>,
     /// A promotion committed: once the next dump is in, announce every flow to peers.
@@ -330,7 +336,9 @@ impl State<'_> {
                 () = &mut shutdown => break Ok(()),
                 // Before events: a commit's next chunk waits for this, and the commit's own
                 // events would otherwise keep it waiting.
-                Some(done) = jobs.recv() => self.job_done(done),
+                Some(done) = jobs.recv() => if let Err(e) = self.job_done(done) {
+                    break Err(e);
+                },
                 Some(msg) = events.recv() => match msg {
                     EventMsg::Batch(batch) => self.events(batch),
                     EventMsg::Failed(e) => break Err(DaemonError::EventsStopped(e)),
@@ -546,28 +554,52 @@ impl State<'_> {
         let Some(r) = &self.repl else {
             return Err("replication is not configured ([sync] section): nothing to commit".into());
         };
-        if !self
+        if self.failover.busy() {
+            return Err("another kernel write is running; try again".into());
+        }
+        if kind == JobKind::Promote {
+            // The promotion re-reads the table once committed: see `CreationSwitch`.
+            if let Err(e) = self.creations.mute() {
+                tracing::warn!(error = %e, "cannot mute creation events; committing with them");
+            }
+        }
+        if self
             .failover
             .commit(r.external(), r.now(), kind, &mut self.mirror)
         {
-            return Err("another kernel write is running; try again".into());
+            return Ok(());
         }
-        Ok(())
+        // Not reached (the writer was checked free), but never leave creations muted.
+        self.creations.unmute().map_err(|e| e.to_string())?;
+        Err("another kernel write is running; try again".into())
     }
 
-    fn job_done(&mut self, done: JobDone) {
+    /// Fails only when creation events cannot be heard again: the mirror would then miss every
+    /// new flow, so the daemon stops (and its supervisor restarts it).
+    fn job_done(&mut self, done: JobDone) -> Result<(), DaemonError> {
         if done.mirror_unsure() {
             tracing::info!("some kernel writes failed; re-reading the kernel table");
             let action = self.mirror.own_creations_failed();
             self.act(action);
         }
+        let mut deaf = None;
         let summary = match self.failover.job_done(done) {
-            AfterJob::Nothing => return,
+            AfterJob::Nothing => return Ok(()),
             AfterJob::Committed(s) => s,
             AfterJob::RebuildAndAnnounce(s) => {
-                // The committed flows are ours now: read them back as such and tell peers.
+                // The committed flows are ours now: read them back as such and tell peers. The
+                // dump is requested once creation events are heard again, so that it finds
+                // whatever was created while they were muted.
                 self.rebuild_pending = true;
-                let action = self.mirror.refresh();
+                let action = match self.creations.unmute() {
+                    Ok(true) => self.mirror.creations_unheard(),
+                    Ok(false) => self.mirror.refresh(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot hear creation events again; stopping");
+                        deaf = Some(e);
+                        MirrorAction::None
+                    }
+                };
                 self.act(action);
                 s
             }
@@ -586,6 +618,7 @@ impl State<'_> {
                 ))
                 });
         }
+        deaf.map_or(Ok(()), |e| Err(e.into()))
     }
 
     fn answer(&mut self, req: Request) -> Reply {

@@ -701,6 +701,11 @@ enum Injector {
     Raw,
     CtsyncMinimal,
     Ctsync,
+    /// As a daemon commits: fresh flows through the quiet sockets, with an event socket
+    /// subscribed in the namespace that has the kernel drop their creation events.
+    CtsyncListened,
+    /// The same with the event socket's creation events muted, as during a promotion.
+    CtsyncMuted,
 }
 
 impl Injector {
@@ -709,6 +714,8 @@ impl Injector {
             Injector::Raw => "raw",
             Injector::CtsyncMinimal => "ctsync_minimal",
             Injector::Ctsync => "ctsync",
+            Injector::CtsyncListened => "ctsync_listened",
+            Injector::CtsyncMuted => "ctsync_muted",
         }
     }
 }
@@ -766,6 +773,9 @@ fn inject_once(
             }
             secs
         }
+        Injector::CtsyncListened | Injector::CtsyncMuted => {
+            daemon_like_commit(&ns, realistic, who == Injector::CtsyncMuted, rep)?
+        }
     };
     let in_kernel = ns.conntrack_count()?;
     if in_kernel != n as u64 {
@@ -777,8 +787,48 @@ fn inject_once(
     Ok(rate(n, secs))
 }
 
+/// Writes `flows` as a daemon's commit does (see [`Injector::CtsyncListened`]); returns seconds.
+fn daemon_like_commit(ns: &Netns, flows: &[Flow], muted: bool, rep: &mut Report) -> Result<f64> {
+    let origins = Origins::new();
+    let o = origins.clone();
+    let mut writer = ns
+        .run(move || Writer::open(1, &o))?
+        .context("Writer::open")?;
+    let quiet = writer.quiet_portids();
+    // Nobody reads it: the kernel drops the writer's creation events before queueing them.
+    let events = ns
+        .run(move || -> Result<EventSource> {
+            let (events, _) = EventSource::open(1 << 20, origins)?;
+            events.hide_own_creations(&quiet)?;
+            Ok(events)
+        })?
+        .context("EventSource::open")?;
+    let switch = events.creation_switch()?;
+    if muted {
+        switch.mute()?;
+    }
+    let t0 = Instant::now();
+    let report = writer
+        .upsert_fresh(flows, &[])
+        .context("Writer::upsert_fresh")?;
+    let secs = t0.elapsed().as_secs_f64();
+    if report.created != flows.len() as u64 || !report.failures.is_empty() {
+        rep.note(format!(
+            "daemon-like commit (muted: {muted}): created {} of {}, {} failures",
+            report.created,
+            flows.len(),
+            report.failures.len()
+        ));
+    }
+    switch.unmute()?;
+    drop(events);
+    Ok(secs)
+}
+
 fn bench_inject(args: &Args, realistic: &[Flow], minimal: &[Flow], rep: &mut Report) -> Result<()> {
     let order = [
+        (Injector::CtsyncListened, 1),
+        (Injector::CtsyncMuted, 1),
         (Injector::Raw, 1),
         (Injector::CtsyncMinimal, 1),
         (Injector::Ctsync, 1),
@@ -846,6 +896,33 @@ fn bench_inject(args: &Args, realistic: &[Flow], minimal: &[Flow], rep: &mut Rep
             &ratio(get(Injector::Ctsync, k)),
         );
     }
+    rep.add(
+        "inject",
+        "inject.ctsync_listened.k1",
+        "commit as a daemon writes it: an event socket subscribed, own creations filtered",
+        "flows/s",
+        get(Injector::CtsyncListened, 1),
+    );
+    rep.add(
+        "inject",
+        "inject.ctsync_muted.k1",
+        "the same with creation events muted, as a promotion commits",
+        "flows/s",
+        get(Injector::CtsyncMuted, 1),
+    );
+    let listened = get(Injector::CtsyncListened, 1);
+    let speedup: Vec<f64> = get(Injector::CtsyncMuted, 1)
+        .iter()
+        .zip(listened)
+        .map(|(m, l)| m / l)
+        .collect();
+    rep.add(
+        "inject",
+        "inject.muted_speedup.k1",
+        "speed-up of muting (paired runs; needs no other creation listener on the machine)",
+        "x",
+        &speedup,
+    );
     Ok(())
 }
 

@@ -269,8 +269,9 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "own creations {} (applied as written, their events dropped in the kernel)",
-        st.own_creations
+        "own creations {} (applied as written, their events dropped in the kernel; \
+         {} promotions with creation events muted)",
+        st.own_creations, st.creations_muted
     )?;
     writeln!(
         out,

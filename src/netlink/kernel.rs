@@ -5,7 +5,7 @@ use super::codec::{self, CodecError, CtMessage, WriteOp};
 use super::socket::{CtSocket, SocketError};
 use crate::flow::{Flow, FlowKey};
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,6 +218,52 @@ pub struct EventSource {
     origins: Origins,
 }
 
+/// Turns the event socket's subscription to creation events (`NFNLGRP_CONNTRACK_NEW`) off and
+/// on again.
+///
+/// The kernel builds a creation event for every entry a commit writes, and skips that work only
+/// when no socket on the machine is subscribed to the group (the listener check is per protocol,
+/// not per namespace). A promotion re-reads the whole table after its commit anyway, and that
+/// finds every creation made while the subscription was off; where ctsyncd is the only listener,
+/// muting for the commit saves the kernel one event built and freed per committed flow
+/// (`ctsync-bench`: a 250k commit written 1.26× as fast).
+///
+/// Leaving a group the socket is not in would still lower the namespace's count of ctnetlink
+/// listeners, and at zero the kernel stops giving new entries the extension that events need:
+/// the switch therefore only acts when the state changes.
+#[derive(Debug)]
+pub struct CreationSwitch {
+    sock: CtSocket,
+    muted: AtomicBool,
+}
+
+impl CreationSwitch {
+    /// Stops receiving creation events (updates and deletions still come); whether it was on.
+    pub fn mute(&self) -> Result<bool, KernelError> {
+        if self.muted.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.sock.leave(attr::GROUP_NEW)?;
+        self.muted.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Receives creation events again; whether they were muted.
+    pub fn unmute(&self) -> Result<bool, KernelError> {
+        if !self.muted.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.sock.join(attr::GROUP_NEW)?;
+        self.muted.store(false, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Whether creation events are muted.
+    pub fn is_muted(&self) -> bool {
+        self.muted.load(Ordering::Acquire)
+    }
+}
+
 /// How long a read waits for an event before returning empty, so that the reading thread can
 /// see that the daemon stops. Nothing else depends on it, and each expiry wakes an idle daemon.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
@@ -259,6 +305,14 @@ impl EventSource {
         }
         self.sock.attach_filter(&own_creation_filter(portids))?;
         Ok(())
+    }
+
+    /// A switch for this socket's creation events, usable from another thread.
+    pub fn creation_switch(&self) -> Result<CreationSwitch, KernelError> {
+        Ok(CreationSwitch {
+            sock: self.sock.try_clone()?,
+            muted: AtomicBool::new(false),
+        })
     }
 
     /// Receives at least one event (or returns after the receive timeout with none), then takes

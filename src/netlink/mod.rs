@@ -10,6 +10,7 @@ pub mod socket;
 
 pub use codec::{CodecError, CtEventKind, CtMessage, WriteOp};
 pub use kernel::{
-    count, dump, EventSource, KernelError, KernelEvent, Origins, WriteFailure, WriteReport, Writer,
+    count, dump, CreationSwitch, EventSource, KernelError, KernelEvent, Origins, WriteFailure,
+    WriteReport, Writer,
 };
 pub use socket::{CtSocket, SocketError};

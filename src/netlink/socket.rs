@@ -7,7 +7,7 @@
 use super::attr::NETLINK_NETFILTER;
 use netlink_sys::{Socket, SocketAddr};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::time::Duration;
 
 /// Errors of the netlink socket layer.
@@ -65,6 +65,30 @@ impl CtSocket {
         self.sock
             .add_membership(group)
             .map_err(io_err("add_membership"))
+    }
+
+    /// Leaves a multicast group (`NFNLGRP_*`).
+    pub fn leave(&self, group: u32) -> Result<(), SocketError> {
+        self.sock
+            .drop_membership(group)
+            .map_err(io_err("drop_membership"))
+    }
+
+    /// A second handle on the same kernel socket (a duplicated descriptor): what one handle
+    /// changes (group membership, options) the other sees, so that a thread other than the
+    /// one reading can switch the subscription.
+    pub fn try_clone(&self) -> Result<CtSocket, SocketError> {
+        let fd = self
+            .sock
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io_err("dup"))?;
+        // SAFETY: `fd` is a freshly duplicated, owned netlink socket descriptor, handed over.
+        let sock = unsafe { Socket::from_raw_fd(fd.into_raw_fd()) };
+        Ok(CtSocket {
+            sock,
+            portid: self.portid,
+        })
     }
 
     /// Sets the receive buffer, beyond `rmem_max` when we have `CAP_NET_ADMIN`.
