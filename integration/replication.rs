@@ -1537,22 +1537,22 @@ impl ForeignCreator {
 
     /// Stops and returns how many flows were created.
     fn finish(mut self) -> usize {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p);
-            }
+        if let Err(p) = self.stop_and_join() {
+            std::panic::resume_unwind(p);
         }
         self.created()
+    }
+
+    fn stop_and_join(&mut self) -> std::thread::Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().map_or(Ok(()), |t| t.join())
     }
 }
 
 impl Drop for ForeignCreator {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // A panic of the writer is reported by `finish`; here the test is failing already.
+        let _ = self.stop_and_join();
     }
 }
 

@@ -257,11 +257,6 @@ impl CreationSwitch {
         self.muted.store(false, Ordering::Release);
         Ok(true)
     }
-
-    /// Whether creation events are muted.
-    pub fn is_muted(&self) -> bool {
-        self.muted.load(Ordering::Acquire)
-    }
 }
 
 /// How long a read waits for an event before returning empty, so that the reading thread can
