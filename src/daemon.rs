@@ -1,10 +1,10 @@
 //! The daemon runtime: wires the kernel bridge, the mirror and the control socket together.
 //!
 //! Threads and tasks:
-//! - `ctsync-events` (OS thread): blocking reads of the event socket, decoded in batches and
-//!   pushed into a bounded channel. When the mirror falls behind the channel fills, the thread
-//!   blocks, the kernel buffer fills, and the kernel reports an overrun: back-pressure ends in a
-//!   reconciliation, never in unbounded memory.
+//! - `ctsync-events` (OS thread): blocking reads of the event socket, decoded in batches (their
+//!   size set by `EventPacer`) and pushed into a bounded channel. When the mirror falls behind
+//!   the channel fills, the thread blocks, the kernel buffer fills, and the kernel reports an
+//!   overrun: back-pressure ends in a reconciliation, never in unbounded memory.
 //! - `ctsync-dump` (OS thread): runs full dumps on request, on a socket of its own.
 //! - the state task (tokio): sole owner of the [`Mirror`]; applies events and dumps, answers
 //!   control requests. No locks around the cache.
