@@ -702,6 +702,8 @@ fn family(t: &Tuple) -> u8 {
 const MSG_HEADER_LEN: usize = 16 + 4;
 /// An attribute's own header.
 const NLA_HEADER_LEN: usize = 4;
+/// The longest value written as an array (an IPv6 address, the labels).
+const MAX_FIXED_VALUE: usize = 16;
 
 /// Room an attribute with a `value`-byte payload takes, padding included.
 const fn nla_len(value: usize) -> usize {
@@ -776,26 +778,35 @@ impl<'a> MessageWriter<'a> {
     }
 
     /// One attribute, padded with zeros to 4 bytes (the length field excludes the padding).
-    fn put(&mut self, kind: u16, value: &[u8]) {
-        self.put_header(kind, NLA_HEADER_LEN + value.len());
-        self.buf.extend_from_slice(value);
-        self.pad();
+    ///
+    /// Assembled on the stack and appended in one copy whose length is a constant: writing the
+    /// header, the value and the padding separately made three copies of lengths known only at
+    /// run time, each a call into libc, and was most of the time a commit spends outside the
+    /// kernel.
+    fn put<const N: usize>(&mut self, kind: u16, value: [u8; N]) {
+        const { assert!(N <= MAX_FIXED_VALUE) };
+        let len = NLA_HEADER_LEN + N;
+        let mut attr = [0u8; NLA_HEADER_LEN + MAX_FIXED_VALUE];
+        attr[..2].copy_from_slice(&wire_len16(len).to_ne_bytes());
+        attr[2..4].copy_from_slice(&kind.to_ne_bytes());
+        attr[NLA_HEADER_LEN..len].copy_from_slice(&value);
+        self.buf.extend_from_slice(&attr[..align4(len)]);
     }
 
     fn u8(&mut self, kind: u16, v: u8) {
-        self.put(kind, &[v]);
+        self.put(kind, [v]);
     }
 
     fn be16(&mut self, kind: u16, v: u16) {
-        self.put(kind, &v.to_be_bytes());
+        self.put(kind, v.to_be_bytes());
     }
 
     fn be32(&mut self, kind: u16, v: u32) {
-        self.put(kind, &v.to_be_bytes());
+        self.put(kind, v.to_be_bytes());
     }
 
     fn be64(&mut self, kind: u16, v: u64) {
-        self.put(kind, &v.to_be_bytes());
+        self.put(kind, v.to_be_bytes());
     }
 
     /// A nest with `NLA_F_NESTED`, as the kernel's own `nla_nest_start` writes it: strict
@@ -842,8 +853,8 @@ impl<'a> MessageWriter<'a> {
             (t.dst, attr::ip::V4_DST, attr::ip::V6_DST),
         ] {
             match addr {
-                IpAddr::V4(a) => self.put(v4, &a.octets()),
-                IpAddr::V6(a) => self.put(v6, &a.octets()),
+                IpAddr::V4(a) => self.put(v4, a.octets()),
+                IpAddr::V6(a) => self.put(v6, a.octets()),
             }
         }
     }
@@ -959,7 +970,7 @@ fn labels_attr(w: &mut MessageWriter<'_>, labels: u128) {
     for (i, word) in bytes.chunks_exact_mut(4).enumerate() {
         word.copy_from_slice(&((labels >> (32 * i)) as u32).to_ne_bytes());
     }
-    w.put(cta::LABELS, &bytes);
+    w.put(cta::LABELS, bytes);
 }
 
 /// NAT ranges that make the kernel set up exactly the binding the flow has.
@@ -993,12 +1004,12 @@ fn nat_range(w: &mut MessageWriter<'_>, kind: u16, addr: IpAddr, port: Option<u1
     w.nest(kind, |w| {
         match addr {
             IpAddr::V4(a) => {
-                w.put(nat::V4_MINIP, &a.octets());
-                w.put(nat::V4_MAXIP, &a.octets());
+                w.put(nat::V4_MINIP, a.octets());
+                w.put(nat::V4_MAXIP, a.octets());
             }
             IpAddr::V6(a) => {
-                w.put(nat::V6_MINIP, &a.octets());
-                w.put(nat::V6_MAXIP, &a.octets());
+                w.put(nat::V6_MINIP, a.octets());
+                w.put(nat::V6_MAXIP, a.octets());
             }
         }
         if let Some(p) = port {
@@ -1020,8 +1031,8 @@ fn protoinfo_attr(w: &mut MessageWriter<'_>, info: &ProtoInfo) {
                 w.u8(p::TCP_WSCALE_ORIGINAL, t.wscale_orig);
                 w.u8(p::TCP_WSCALE_REPLY, t.wscale_reply);
                 // `nf_ct_tcp_flags` with a full mask, so that the kernel's copy ends up equal.
-                w.put(p::TCP_FLAGS_ORIGINAL, &[t.flags_orig, 0xff]);
-                w.put(p::TCP_FLAGS_REPLY, &[t.flags_reply, 0xff]);
+                w.put(p::TCP_FLAGS_ORIGINAL, [t.flags_orig, 0xff]);
+                w.put(p::TCP_FLAGS_REPLY, [t.flags_reply, 0xff]);
             });
         }),
         ProtoInfo::Sctp {
