@@ -881,8 +881,156 @@ fn merge_flow<'a>(fl: &mut FlowFields<'a>, body: &'a [u8], depth: u32) -> Parse<
     })
 }
 
+/// Reads changes laid out exactly as [`encode_message`] writes them, which is how every peer
+/// sends them: each field at most once, in tag order, with the fields of a common flow only.
+///
+/// The general decoder above takes any valid protobuf (fields in any order, repeated, merged,
+/// unknown), and that generality was most of its cost. This one tests each expected key byte
+/// in turn and gives up on anything else: `None` sends the change to the general decoder, so
+/// whatever this one accepts it reads as the general one would (property tests hold them
+/// equal), and whatever it does not, errors included, is the general decoder's to judge.
+/// Decoding a batch of 512 TCP flows took 1400 instructions per flow instead of 2330
+/// (callgrind), validation and the building of each flow included.
+mod canonical {
+    use super::{get_varint, key, take, Change, FIXED32, LEN, VARINT};
+    use crate::wire::{FlowFields, KeyFields, ProtoinfoFields, TupleFields};
+
+    /// Consumes the key byte `k` if it comes next.
+    #[inline(always)]
+    fn eat(buf: &mut &[u8], k: u8) -> bool {
+        match buf.split_first() {
+            Some((&b, rest)) if b == k => {
+                *buf = rest;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    #[inline(always)]
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        get_varint(buf).ok()
+    }
+
+    /// A length-delimited value (bytes or an embedded message).
+    #[inline(always)]
+    fn delimited<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = varint(buf)?;
+        take(buf, len).ok()
+    }
+
+    /// A `FlowUpdate` or `FlowDelete`: its version and its item, read by `item`.
+    #[inline(always)]
+    pub(super) fn change<'a, T>(
+        mut b: &'a [u8],
+        item: impl FnOnce(&'a [u8]) -> Option<T>,
+    ) -> Option<Change<T>> {
+        let version = if eat(&mut b, key(1, VARINT)) {
+            varint(&mut b)?
+        } else {
+            0
+        };
+        if !eat(&mut b, key(2, LEN)) {
+            return None;
+        }
+        let item = item(delimited(&mut b)?)?;
+        b.is_empty().then_some(Change {
+            version,
+            item: Some(item),
+        })
+    }
+
+    pub(super) fn flow(mut b: &[u8]) -> Option<FlowFields<'_>> {
+        let mut fl = FlowFields::default();
+        if eat(&mut b, key(1, LEN)) {
+            fl.key = Some(flow_key(delimited(&mut b)?)?);
+        }
+        if eat(&mut b, key(2, LEN)) {
+            fl.reply = Some(tuple(delimited(&mut b)?)?);
+        }
+        if eat(&mut b, key(3, VARINT)) {
+            fl.status = varint(&mut b)? as u32;
+        }
+        if eat(&mut b, key(4, VARINT)) {
+            fl.timeout = varint(&mut b)? as u32;
+        }
+        if eat(&mut b, key(5, VARINT)) {
+            fl.mark = varint(&mut b)? as u32;
+        }
+        if eat(&mut b, key(6, LEN)) {
+            fl.labels = delimited(&mut b)?;
+        }
+        if eat(&mut b, key(7, LEN)) {
+            fl.protoinfo = Some(tcp(delimited(&mut b)?)?);
+        }
+        // Other protocols' state, helper, master, sequence adjustment, synproxy: rare, and
+        // left to the general decoder.
+        b.is_empty().then_some(fl)
+    }
+
+    pub(super) fn flow_key(mut b: &[u8]) -> Option<KeyFields<'_>> {
+        let mut k = KeyFields::default();
+        if eat(&mut b, key(1, VARINT)) {
+            k.zone = varint(&mut b)? as u32;
+        }
+        if eat(&mut b, key(2, VARINT)) {
+            k.zone_dir = varint(&mut b)? as i32;
+        }
+        if eat(&mut b, key(3, LEN)) {
+            k.orig = Some(tuple(delimited(&mut b)?)?);
+        }
+        b.is_empty().then_some(k)
+    }
+
+    fn tuple(mut b: &[u8]) -> Option<TupleFields<'_>> {
+        let mut t = TupleFields::default();
+        if eat(&mut b, key(1, LEN)) {
+            t.src = delimited(&mut b)?;
+        }
+        if eat(&mut b, key(2, LEN)) {
+            t.dst = delimited(&mut b)?;
+        }
+        for (tag, field) in [
+            (3, &mut t.proto),
+            (4, &mut t.src_port),
+            (5, &mut t.dst_port),
+            (6, &mut t.icmp_id),
+            (7, &mut t.icmp_type),
+            (8, &mut t.icmp_code),
+        ] {
+            if eat(&mut b, key(tag, VARINT)) {
+                *field = varint(&mut b)? as u32;
+            }
+        }
+        for (tag, field) in [(9, &mut t.src_v4), (10, &mut t.dst_v4)] {
+            if eat(&mut b, key(tag, FIXED32)) {
+                let v = take(&mut b, 4).ok()?;
+                *field = Some(u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+            }
+        }
+        b.is_empty().then_some(t)
+    }
+
+    fn tcp(mut b: &[u8]) -> Option<ProtoinfoFields> {
+        let mut v = [0u32; 5];
+        for (tag, field) in (1..).zip(&mut v) {
+            if eat(&mut b, key(tag, VARINT)) {
+                *field = varint(&mut b)? as u32;
+            }
+        }
+        let [state, wscale_orig, wscale_reply, flags_orig, flags_reply] = v;
+        b.is_empty().then_some(ProtoinfoFields::Tcp {
+            state,
+            wscale_orig,
+            wscale_reply,
+            flags_orig,
+            flags_reply,
+        })
+    }
+}
+
 /// A `FlowUpdate` or a `FlowDelete`: a version and one embedded message.
-#[derive(Default)]
+#[derive(Default, Debug, PartialEq)]
 struct Change<T> {
     version: u64,
     item: Option<T>,
@@ -956,8 +1104,14 @@ impl BatchState {
 
     fn upsert(&mut self, f: Field, buf: &mut &[u8]) -> Parse<()> {
         let (body, depth) = f.message(buf)?;
-        let mut c = Change::default();
-        merge_change(&mut c, body, depth, merge_flow)?;
+        let c = match canonical::change(body, canonical::flow) {
+            Some(c) => c,
+            None => {
+                let mut c = Change::default();
+                merge_change(&mut c, body, depth, merge_flow)?;
+                c
+            }
+        };
         let i = self.upserts_seen;
         self.upserts_seen += 1;
         if self.upsert_error.is_none() {
@@ -971,8 +1125,14 @@ impl BatchState {
 
     fn delete(&mut self, f: Field, buf: &mut &[u8]) -> Parse<()> {
         let (body, depth) = f.message(buf)?;
-        let mut c = Change::default();
-        merge_change(&mut c, body, depth, merge_key)?;
+        let c = match canonical::change(body, canonical::flow_key) {
+            Some(c) => c,
+            None => {
+                let mut c = Change::default();
+                merge_change(&mut c, body, depth, merge_key)?;
+                c
+            }
+        };
         let i = self.deletes_seen;
         self.deletes_seen += 1;
         if self.upsert_error.is_none() && self.delete_error.is_none() {
@@ -1295,6 +1455,106 @@ mod tests {
         #[test]
         fn arbitrary_bytes_decode_as_prost_does(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
             prop_assert_eq!(hand(&bytes), reference(&bytes));
+        }
+    }
+
+    /// The body of a batch's first change with field number `tag` (3 upserts, 4 deletes), and
+    /// the depth budget the decoder reads it with.
+    fn first_change(msg: &Message, tag: u32) -> (&'static [u8], u32) {
+        let bytes: &'static [u8] = hand_encode(msg).leak();
+        let mut rest = bytes;
+        let (body_tag, wire_type) = get_key(&mut rest).unwrap();
+        let body = Field {
+            tag: body_tag,
+            wire_type,
+            depth: RECURSION_LIMIT,
+        };
+        let (mut batch, depth) = body.message(&mut rest).unwrap();
+        loop {
+            let (t, wire_type) = get_key(&mut batch).unwrap();
+            let f = Field {
+                tag: t,
+                wire_type,
+                depth,
+            };
+            if t == tag {
+                return f.message(&mut batch).unwrap();
+            }
+            f.skip(&mut batch).unwrap();
+        }
+    }
+
+    fn rare(flow: &Flow) -> bool {
+        flow.helper().is_some()
+            || flow.master().is_some()
+            || flow.seq_adj().is_some()
+            || flow.synproxy().is_some()
+            || !matches!(flow.protoinfo(), ProtoInfo::None | ProtoInfo::Tcp(_))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The canonical reader takes what the encoder writes for every flow without the rare
+        /// attributes, and reads it exactly as the general decoder does.
+        #[test]
+        fn the_canonical_reader_reads_common_flows_as_the_general_one(
+            flow in super::super::tests::arb_flow(),
+            version in any::<u64>(),
+        ) {
+            let rare = rare(&flow);
+            let msg = Message::Batch(Batch { upserts: vec![(version, flow)], ..Batch::default() });
+            let (change, depth) = first_change(&msg, 3);
+            let mut general = Change::default();
+            let general = merge_change(&mut general, change, depth, merge_flow).map(|()| general);
+            match canonical::change(change, canonical::flow) {
+                Some(c) => prop_assert_eq!(Ok(c), general),
+                None => prop_assert!(rare, "a common flow left to the general decoder"),
+            }
+        }
+
+        #[test]
+        fn the_canonical_reader_reads_every_deletion_as_the_general_one(
+            flow in super::super::tests::arb_flow(),
+            version in any::<u64>(),
+        ) {
+            let msg = Message::Batch(Batch { deletes: vec![(version, flow.key)], ..Batch::default() });
+            let (change, depth) = first_change(&msg, 4);
+            let mut general = Change::default();
+            let general = merge_change(&mut general, change, depth, merge_key).map(|()| general);
+            let canonical = canonical::change(change, canonical::flow_key);
+            prop_assert!(canonical.is_some(), "a deletion left to the general decoder");
+            prop_assert_eq!(Ok(canonical.unwrap()), general);
+        }
+
+        /// Whatever the canonical reader accepts of a damaged change, it reads as the general
+        /// decoder does (which may also accept it, differently laid out, or refuse it).
+        #[test]
+        fn the_canonical_reader_never_disagrees_on_damaged_changes(
+            flow in super::super::tests::arb_flow(),
+            version in any::<u64>(),
+            edits in proptest::collection::vec((0u8..3, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let msg = Message::Batch(Batch { upserts: vec![(version, flow)], ..Batch::default() });
+            let (change, _) = first_change(&msg, 3);
+            let mut bytes = change.to_vec();
+            for (kind, at, byte) in edits {
+                let i = at.index(bytes.len() + 1);
+                match kind {
+                    0 if i < bytes.len() => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ if i < bytes.len() => {
+                        bytes.remove(i);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(c) = canonical::change(&bytes, canonical::flow) {
+                let mut general = Change::default();
+                let general = merge_change(&mut general, &bytes, RECURSION_LIMIT, merge_flow)
+                    .map(|()| general);
+                prop_assert_eq!(Ok(c), general);
+            }
         }
     }
 
