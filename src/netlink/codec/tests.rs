@@ -724,6 +724,36 @@ mod golden {
     }
 
     #[test]
+    fn malformed_framing_is_refused_where_netlink_packet_core_refuses_it() {
+        let mut ok = vec![0u8; 20];
+        ok[..4].copy_from_slice(&20u32.to_ne_bytes());
+        ok[4..6].copy_from_slice(&0x0101u16.to_ne_bytes());
+        for (what, bytes) in [
+            ("short of a header", ok[..10].to_vec()),
+            ("length below a header", {
+                let mut b = ok.clone();
+                b[..4].copy_from_slice(&8u32.to_ne_bytes());
+                b
+            }),
+            ("length past the datagram", {
+                let mut b = ok.clone();
+                b[..4].copy_from_slice(&40u32.to_ne_bytes());
+                b
+            }),
+        ] {
+            let ours: Vec<_> = messages(&bytes).collect();
+            assert!(
+                matches!(ours[..], [Err(CodecError::Framing(_))]),
+                "{what}: {ours:?}"
+            );
+            assert!(netlink_packet_core::NetlinkBuffer::new_checked(&bytes[..]).is_err());
+        }
+        let framed: Vec<_> = messages(&ok).collect::<Result<_, _>>().unwrap();
+        assert_eq!(framed.len(), 1);
+        assert_eq!((framed[0].msg_type, framed[0].payload.len()), (0x0101, 4));
+    }
+
+    #[test]
     fn golden_datagrams_frame_like_netlink_packet_core() {
         // Our framing agrees with netlink-packet-core's on every captured message.
         for name in ["dump", "events", "acks"] {
